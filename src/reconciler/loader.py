@@ -1,0 +1,351 @@
+"""Read manifests (files or folders) into a Desired state, collecting every error.
+
+`load(paths)` parses YAML keeping the line of every node, validates each document
+against its kind's model, then runs the cross-resource checks of
+:mod:`reconciler.checks`. It never raises on bad input: every problem comes back as a
+:class:`~reconciler.errors.Problem` naming file, line, resource and field path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import pydantic
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from reconciler import API_VERSION
+from reconciler.errors import Problem, format_path
+from reconciler.models import KINDS, Desired, Key, Resource, Source, document_model
+
+MAX_FILE_BYTES = 8 * 1024 * 1024
+MAX_NODES_PER_FILE = 500_000  # bounds alias expansion ("billion laughs") and huge input
+MANIFEST_SUFFIXES = (".yaml", ".yml")
+
+_ComposeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+Path_ = tuple[str | int, ...]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Document:
+    """One YAML document as plain data, with the line of every path in it."""
+
+    __slots__ = ("data", "lines", "line")
+
+    def __init__(self, data: Any, lines: dict[Path_, int], line: int):
+        self.data = data
+        self.lines = lines
+        self.line = line
+
+
+def find_manifest_files(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[Problem]]:
+    """Manifest files under the given files or folders (sorted; hidden folders skipped)."""
+    files: list[Path] = []
+    problems: list[Problem] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            found = sorted(
+                f
+                for f in path.rglob("*")
+                if f.suffix in MANIFEST_SUFFIXES
+                and f.is_file()
+                and not any(part.startswith(".") for part in f.relative_to(path).parts)
+            )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(Problem(str(path), 0, "no such file or folder"))
+    return files, problems
+
+
+def _parse_file(file: Path, problems: list[Problem]) -> list[_Document]:
+    name = str(file)
+    try:
+        size = file.stat().st_size
+        if size > MAX_FILE_BYTES:
+            problems.append(
+                Problem(name, 1, f"file is {size} bytes; manifests are limited to {MAX_FILE_BYTES}")
+            )
+            return []
+        raw = file.read_bytes()
+    except OSError as exc:
+        problems.append(Problem(name, 0, f"cannot read: {exc.strerror or exc}"))
+        return []
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(Problem(name, raw[: exc.start].count(b"\n") + 1, "not UTF-8 text"))
+        return []
+    docs: list[_Document] = []
+    constructor = SafeConstructor()
+    budget = [MAX_NODES_PER_FILE]
+    try:
+        for node in yaml.compose_all(text, Loader=_ComposeLoader):
+            if node is None:
+                continue
+            lines: dict[Path_, int] = {}
+            data = _to_data(node, (), lines, constructor, budget, name, problems)
+            docs.append(_Document(data, lines, node.start_mark.line + 1))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        msg = " ".join(str(m) for m in (exc.context, exc.problem) if m)
+        problems.append(Problem(name, line, f"YAML syntax error: {msg}"))
+    except yaml.YAMLError as exc:
+        problems.append(Problem(name, 1, f"YAML error: {exc}"))
+    except _TooLarge:
+        problems.append(
+            Problem(
+                name,
+                1,
+                f"more than {MAX_NODES_PER_FILE} YAML nodes after expanding aliases; "
+                "refusing to load (alias bomb or far too large)",
+            )
+        )
+        return []
+    except RecursionError:
+        problems.append(Problem(name, 1, "YAML nesting is too deep"))
+        return []
+    return docs
+
+
+def _to_data(
+    node: Node,
+    path: Path_,
+    lines: dict[Path_, int],
+    constructor: SafeConstructor,
+    budget: list[int],
+    file: str,
+    problems: list[Problem],
+) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, MappingNode):
+        constructor.flatten_mapping(node)  # YAML merge keys (<<)
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                problems.append(
+                    Problem(file, key_node.start_mark.line + 1, "mapping keys must be plain text",
+                            path=format_path(path) or None)
+                )
+                continue
+            key = key_node.value
+            if key in out:
+                problems.append(
+                    Problem(
+                        file,
+                        key_node.start_mark.line + 1,
+                        f"duplicate key {key!r} (also on line {lines.get(path + (key,), '?')})",
+                        path=format_path(path + (key,)),
+                    )
+                )
+            out[key] = _to_data(value_node, path + (key,), lines, constructor, budget, file, problems)
+        return out
+    if isinstance(node, SequenceNode):
+        return [
+            _to_data(item, path + (i,), lines, constructor, budget, file, problems)
+            for i, item in enumerate(node.value)
+        ]
+    value = constructor.construct_object(node, deep=False)
+    if isinstance(value, bytes | bytearray):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _friendly(err: dict[str, Any], data: Any) -> str:
+    """A pydantic error in words a user can act on."""
+    kind = err["type"]
+    loc = err["loc"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        field = str(loc[-1])
+        allowed = _allowed_fields(data, loc[:-1])
+        hint = _suggest(field, allowed)
+        return f"unknown field {field!r}{hint}" + (
+            f"; allowed here: {', '.join(sorted(allowed))}" if allowed and not hint else ""
+        )
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{_short(value)} is not allowed; use one of {expected}"
+    if kind.startswith("ip_v4"):
+        what = {"ip_v4_network": "an IPv4 network in CIDR notation like 10.0.0.0/24",
+                "ip_v4_address": "an IPv4 address like 10.0.0.1"}.get(kind, "an IPv4 value")
+        return f"{_short(value)} is not {what}"
+    msg = str(err["msg"])
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if kind in ("int_parsing", "int_type", "bool_parsing", "bool_type", "string_type",
+                "list_type", "dict_type", "model_type", "float_type", "int_from_float"):
+        msg = f"{msg}, got {_short(value)}"
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _allowed_fields(data: Any, loc: tuple[Any, ...]) -> set[str]:
+    """Field names of the model at `loc` of a document (for "did you mean")."""
+    try:
+        kind = data.get("kind")
+        model: Any = document_model(kind)
+        for part in loc:
+            if isinstance(part, int):
+                continue
+            annotation = model.model_fields[part].annotation
+            model = _inner_model(annotation)
+            if model is None:
+                return set()
+        return set(model.model_fields)
+    except Exception:  # noqa: BLE001 - a hint only; never fail on it
+        return set()
+
+
+def _inner_model(annotation: Any) -> Any:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _resource_label(data: dict[str, Any]) -> str | None:
+    kind = data.get("kind")
+    meta = data.get("metadata")
+    if not isinstance(kind, str) or not isinstance(meta, dict):
+        return None
+    name = meta.get("name")
+    if kind == "Tenant":
+        return f"Tenant {name}"
+    return f"{kind} {meta.get('tenant')}/{name}"
+
+
+def _key_guess(data: Any) -> Key | None:
+    """The key a broken document was meant to have, when its kind and names say it."""
+    if not isinstance(data, dict) or data.get("kind") not in KINDS:
+        return None
+    meta = data.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        return None
+    name = meta["name"]
+    tenant = name if data["kind"] == "Tenant" else meta.get("tenant")
+    return Key(data["kind"], tenant, name) if isinstance(tenant, str) else None
+
+
+def _build(doc: _Document, file: str, problems: list[Problem]) -> Resource | None:
+    data = doc.data
+
+    def problem(path: Path_, message: str, resource: str | None = None) -> None:
+        line = _line(doc.lines, path, doc.line)
+        problems.append(Problem(file, line, message, resource, format_path(path) or None))
+
+    if not isinstance(data, dict):
+        problem((), f"a manifest document must be a mapping, not {type(data).__name__}")
+        return None
+    label = _resource_label(data)
+    api = data.get("apiVersion")
+    kind = data.get("kind")
+    if api is None:
+        problem(("apiVersion",), f"apiVersion is missing; use {API_VERSION}", label)
+    elif api != API_VERSION:
+        problem(("apiVersion",), f"unsupported apiVersion {api!r}; use {API_VERSION}", label)
+    if kind is None:
+        problem(("kind",), f"kind is missing; one of {', '.join(KINDS)}", label)
+        return None
+    if kind not in KINDS:
+        problem(
+            ("kind",),
+            f"unknown kind {_short(kind)}{_suggest(str(kind), KINDS)}; one of {', '.join(KINDS)}",
+            label,
+        )
+        return None
+    try:
+        model = document_model(kind).model_validate(data)
+    except pydantic.ValidationError as exc:
+        for err in exc.errors():
+            problem(tuple(err["loc"]), _friendly(err, data), label)
+        return None
+    if api != API_VERSION:
+        return None
+    meta = model.metadata  # type: ignore[attr-defined]
+    if kind == "Tenant":
+        if meta.tenant is not None and meta.tenant != meta.name:
+            problem(("metadata", "tenant"), "a Tenant belongs to no tenant; remove this field", label)
+            return None
+    elif meta.tenant is None:
+        problem(("metadata", "tenant"), f"every {kind} needs metadata.tenant", label)
+        return None
+    return Resource.build(meta, model.spec, Source(file, doc.line), doc.lines)  # type: ignore[attr-defined]
+
+
+def _line(lines: dict[Path_, int], path: Path_, default: int) -> int:
+    for n in range(len(path), -1, -1):
+        line = lines.get(tuple(path[:n]))
+        if line is not None:
+            return line
+    return default
+
+
+def load(paths: Iterable[str | os.PathLike[str]], *, check: bool = True) -> tuple[Desired, list[Problem]]:
+    """Load manifests from files and folders; return the desired state and every problem.
+
+    With `check` (the default) the cross-resource checks run too. The Desired returned
+    with problems is partial and must not be planned.
+    """
+    files, problems = find_manifest_files(paths)
+    desired = Desired()
+    for file in files:
+        for doc in _parse_file(file, problems):
+            resource = _build(doc, str(file), problems)
+            if resource is None:
+                key = _key_guess(doc.data)
+                if key is not None:
+                    desired.unloaded.add(key)
+                continue
+            other = desired.resources.get(resource.key)
+            if other is not None:
+                problems.append(
+                    Problem(
+                        str(file),
+                        resource.source.line,
+                        f"duplicate name: {resource.key.display} is also declared at "
+                        f"{other.source.file}:{other.source.line}",
+                        resource.key.display,
+                        "metadata.name",
+                    )
+                )
+                continue
+            desired.resources[resource.key] = resource
+    if check:
+        from reconciler.checks import check_desired
+
+        problems.extend(check_desired(desired))
+    problems.sort(key=Problem.sort_key)
+    return desired, problems
+
+

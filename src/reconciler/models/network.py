@@ -1,0 +1,106 @@
+"""Network: a tenant's layer-2 segment (bridge + VXLAN/VLAN/flat) with IPv4 subnets."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from reconciler.models._base import Spec, Strict
+from reconciler.models._fields import UpdatePolicy, spec_field
+
+
+class Dhcp(Strict):
+    enabled: bool = spec_field(True, description="Serve DHCP on this subnet.")
+    start: IPv4Address | None = spec_field(
+        None, description="First address handed out (default: gateway + 9)."
+    )
+    end: IPv4Address | None = spec_field(
+        None, description="Last address handed out (default: last usable address)."
+    )
+
+
+class Subnet(Strict):
+    cidr: IPv4Network = spec_field(
+        description="IPv4 network in CIDR notation, e.g. 10.10.0.0/24. Changing it forces "
+        "replacement of the network: every instance on it loses its address meanwhile.",
+        update=UpdatePolicy.REPLACE,
+    )
+    gateway: IPv4Address | None = spec_field(
+        None, description="Gateway address inside the subnet (default: first usable address)."
+    )
+    dhcp: Dhcp = Field(default_factory=Dhcp, description="DHCP service for the subnet.")
+    dnsServers: list[IPv4Address] = spec_field(
+        default_factory=list, description="DNS servers announced by DHCP."
+    )
+
+
+class NetworkSpec(Spec):
+    """A tenant network (Neutron's network + subnets)."""
+
+    kind = "Network"
+
+    type: Literal["flat", "vxlan", "vlan"] = spec_field(
+        "vxlan",
+        description="Segmentation: flat (optionally on the host uplink), vxlan or vlan.",
+        update=UpdatePolicy.REPLACE,
+    )
+    vni: int | None = spec_field(
+        None,
+        description="VXLAN network identifier (vxlan only); allocated stably when omitted.",
+        update=UpdatePolicy.REPLACE,
+        ge=1,
+        le=16777215,
+    )
+    vlanId: int | None = spec_field(
+        None,
+        description="VLAN id (vlan only); allocated stably when omitted.",
+        update=UpdatePolicy.REPLACE,
+        ge=1,
+        le=4094,
+    )
+    mtu: int | None = spec_field(
+        None,
+        description="MTU of the network in bytes (default: 1500 for flat and vlan, 1450 for "
+        "vxlan). Guest NICs get the same MTU.",
+        ge=576,
+        le=9000,
+    )
+    external: bool = spec_field(
+        False,
+        description="A provider network that routers of every tenant may use as their "
+        "external gateway (written `TENANT/NAME` from another tenant).",
+    )
+    subnets: list[Subnet] = spec_field(
+        default_factory=list, description="IPv4 subnets on this network."
+    )
+
+    @model_validator(mode="after")
+    def _segment_ids_match_type(self) -> "NetworkSpec":
+        if self.vni is not None and self.type != "vxlan":
+            raise ValueError(f"vni is only valid with type vxlan, not {self.type}")
+        if self.vlanId is not None and self.type != "vlan":
+            raise ValueError(f"vlanId is only valid with type vlan, not {self.type}")
+        return self
+
+
+def gateway_of(subnet: Subnet) -> IPv4Address:
+    """The subnet's gateway: as written, else the first usable address."""
+    if subnet.gateway is not None:
+        return subnet.gateway
+    return subnet.cidr.network_address + 1
+
+
+def dhcp_range_of(subnet: Subnet) -> tuple[IPv4Address, IPv4Address]:
+    """The DHCP range: as written, else from network+10 (or the first free) to the last usable."""
+    net = subnet.cidr
+    last = net.broadcast_address - 1
+    default_start = net.network_address + 10 if net.num_addresses > 16 else gateway_of(subnet) + 1
+    start = subnet.dhcp.start or default_start
+    end = subnet.dhcp.end or last
+    return start, end
+
+
+def default_mtu(spec: NetworkSpec) -> int:
+    return spec.mtu or (1450 if spec.type == "vxlan" else 1500)
