@@ -31,6 +31,8 @@ _RANK = {UpdatePolicy.IN_PLACE: 0, UpdatePolicy.RESTART: 1, UpdatePolicy.REPLACE
 X_UPDATE = "x-update"
 X_SENSITIVE = "x-sensitive"
 X_SHRINK = "x-shrink"
+X_HOST_DEFAULT = "x-host-default"
+X_MERGE_KEYS = "x-merge-keys"
 
 
 def spec_field(
@@ -40,18 +42,26 @@ def spec_field(
     update: UpdatePolicy = UpdatePolicy.IN_PLACE,
     sensitive: bool = False,
     shrink: str | None = None,
+    host_default: bool = False,
+    merge_keys: bool = False,
     **kwargs: Any,
 ) -> Any:
     """A pydantic Field carrying the reconciler's change policy for that field.
 
     `shrink` applies to numbers whose decrease differs from an increase:
     "replace" (a smaller value forces replacement) or "error" (a smaller value is refused
-    at plan time, e.g. a volume can only grow).
+    at plan time, e.g. a volume can only grow). `host_default`: when the manifest does
+    not set the field, the host's value stands (allocated ids, the default backend).
+    `merge_keys`: a map whose keys the user never set are left alone.
     """
     extra: dict[str, Any] = dict(kwargs.pop("json_schema_extra", None) or {})
     extra[X_UPDATE] = update.value
     if sensitive:
         extra[X_SENSITIVE] = True
+    if host_default:
+        extra[X_HOST_DEFAULT] = True
+    if merge_keys:
+        extra[X_MERGE_KEYS] = True
     if shrink is not None:
         assert shrink in ("replace", "error")
         extra[X_SHRINK] = shrink

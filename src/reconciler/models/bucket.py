@@ -27,7 +27,9 @@ class BucketSpec(Spec):
     versioning: bool = spec_field(False, description="Keep old versions of overwritten objects.")
     quota: BucketQuota = Field(default_factory=BucketQuota, description="Limits on the bucket.")
     metadata: dict[str, str] = spec_field(
-        default_factory=dict, description="Custom metadata set on the bucket."
+        default_factory=dict,
+        description="Custom metadata set on the bucket; keys set by others are left alone.",
+        merge_keys=True,
     )
     deletionPolicy: DeletionPolicy = deletion_policy_field()
     purgeOnDelete: bool = spec_field(

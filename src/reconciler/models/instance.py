@@ -13,8 +13,10 @@ from reconciler.models._fields import UpdatePolicy, spec_field
 
 class Nic(Strict):
     network: Name = Field(description="Network of the tenant the NIC is on.")
-    ip: IPv4Address | None = Field(
-        None, description="Fixed address (default: allocated stably from the DHCP range)."
+    ip: IPv4Address | None = spec_field(
+        None,
+        description="Fixed address (default: allocated stably by the network driver).",
+        host_default=True,
     )
     securityGroups: list[Name] = Field(
         default_factory=list, description="Security groups applied to this port."

@@ -50,6 +50,7 @@ class NetworkSpec(Spec):
         None,
         description="VXLAN network identifier (vxlan only); allocated stably when omitted.",
         update=UpdatePolicy.REPLACE,
+        host_default=True,
         ge=1,
         le=16777215,
     )
@@ -57,6 +58,7 @@ class NetworkSpec(Spec):
         None,
         description="VLAN id (vlan only); allocated stably when omitted.",
         update=UpdatePolicy.REPLACE,
+        host_default=True,
         ge=1,
         le=4094,
     )
@@ -64,6 +66,7 @@ class NetworkSpec(Spec):
         None,
         description="MTU of the network in bytes (default: 1500 for flat and vlan, 1450 for "
         "vxlan). Guest NICs get the same MTU.",
+        host_default=True,
         ge=576,
         le=9000,
     )

@@ -24,6 +24,7 @@ class VolumeSpec(Spec):
         None,
         description="Volume backend named in the host config (default: the host's default).",
         update=UpdatePolicy.REPLACE,
+        host_default=True,
         pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
     )
     multiattach: bool = spec_field(

@@ -1,0 +1,41 @@
+"""The Driver protocol every driver follows."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+from reconciler.models import Key
+from reconciler.state import FieldDiff, Observation, Observed, Target
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """Realises some kinds on a host.
+
+    - `observe` is one bulk read of every object of its kinds: those with our mark, and
+      unmarked ones (reported as conflicts when in the way, never touched).
+    - `create`, `update`, `delete`, `orphan` act on one object and return what is there
+      afterwards. Errors are raised as :class:`~reconciler.errors.TransientError` or
+      :class:`~reconciler.errors.PermanentError`, translated from the driver's library.
+    """
+
+    name: str
+    kinds: tuple[str, ...]
+    #: how many changes of this driver may run at once
+    max_parallel: int
+
+    def observe(self) -> Observation: ...
+
+    def host_name(self, key: Key) -> str:
+        """The name the host object for `key` has (to find unmarked objects in the way)."""
+        ...
+
+    def create(self, target: Target) -> Observed: ...
+
+    def update(self, target: Target, observed: Observed, diffs: Sequence[FieldDiff]) -> Observed: ...
+
+    def delete(self, observed: Observed) -> None: ...
+
+    def orphan(self, observed: Observed) -> Observed:
+        """Keep the object and its data, flag its mark as orphaned."""
+        ...

@@ -1,0 +1,296 @@
+"""plan(desired, observed, graph) -> Plan. Pure: no I/O, deterministic.
+
+For every resource the planner decides one action:
+
+- in the manifests, not on the host: create (or a conflict error when an object we do
+  not own has its name);
+- in both: the three-way merge gives the target; no difference is a noop; differences
+  are an update, or a replace when any changed field forces one (disruption: none,
+  restart, replace);
+- on the host, not in the manifests: delete, or orphan when its last applied
+  `deletionPolicy` is Retain (a Tenant is orphaned while retained objects remain);
+- `destroy=True`: every resource of the manifests that is on the host is deleted or
+  orphaned by its `deletionPolicy`; nothing else is touched.
+
+Ordering edges between changes (data in the plan, so a saved plan keeps them):
+creates and updates after the creates and updates of what they reference now; deletes
+after the changes of everything that referenced them when last applied.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Mapping
+
+import networkx as nx
+
+from reconciler.dependencies import build_graph, dependencies_of, spec_from_applied
+from reconciler.errors import Problem, format_path
+from reconciler.graph import topological_order
+from reconciler.models import KINDS, Desired, Key, Resource, UpdatePolicy
+from reconciler.planner._alloc import allocate, used_ids
+from reconciler.planner._diff import diff, merge
+from reconciler.planner._plan import Action, Change, Disruption, Plan
+from reconciler.state import FieldDiff, Mark, Observation, Observed, Target, Unowned
+
+_ACTS = (Action.CREATE, Action.UPDATE, Action.REPLACE)
+_GONE = (Action.DELETE,)
+
+
+def plan(
+    desired: Desired,
+    observation: Observation,
+    graph: nx.DiGraph | None = None,
+    *,
+    conflicts: Mapping[Key, Unowned] | None = None,
+    destroy: bool = False,
+) -> Plan:
+    """The changes that make the host match `desired` (or, with `destroy`, remove it)."""
+    graph = build_graph(desired) if graph is None else graph
+    conflicts = conflicts or {}
+    owned = _group(observation.owned, desired)
+    errors: list[Problem] = []
+    changes: dict[Key, Change] = {}
+    allocator = _Allocator(desired, observation.owned)
+
+    for key in sorted(desired.resources):
+        res = desired.resources[key]
+        found = owned.get(key, [])
+        if destroy:
+            if found:
+                changes[key] = _removal(key, found, res.spec_full.get("deletionPolicy"), "destroy requested", res)
+            continue
+        if not found:
+            if key in conflicts:
+                errors.append(_conflict_problem(res, conflicts[key]))
+                continue
+            changes[key] = _create(res, allocator)
+        else:
+            change = _update(res, found, graph, errors)
+            changes[key] = change
+
+    if not destroy:
+        for key in sorted(owned.keys() - desired.resources.keys()):
+            found = owned[key]
+            policy = found[0].mark.applied.get("deletionPolicy")
+            changes[key] = _removal(key, found, policy, "removed from the manifests", None)
+
+    _retain_tenants(changes, owned)
+    edges = _edges(changes, graph)
+    return Plan(changes=_ordered(changes, edges), edges=edges, errors=errors, destroy=destroy)
+
+
+# --- per resource ---------------------------------------------------------------------
+
+
+def _group(owned: Iterable[Observed], desired: Desired) -> dict[Key, list[Observed]]:
+    """Owned objects by key; the primary (matching the manifest's hash) first."""
+    groups: dict[Key, list[Observed]] = defaultdict(list)
+    for obs in owned:
+        groups[obs.key].append(obs)
+    for key, found in groups.items():
+        res = desired.get(key)
+        want = res.spec_hash if res is not None else None
+        found.sort(key=lambda o: (o.mark.spec_hash != want, o.mark.orphaned, o.identity))
+    return groups
+
+
+def _mark(res: Resource) -> Mark:
+    return Mark(res.key, res.spec_hash, res.spec_set)
+
+
+def _create(res: Resource, allocator: "_Allocator") -> Change:
+    spec = allocator.fill(res)
+    return Change(
+        key=res.key,
+        action=Action.CREATE,
+        reason="not on the host",
+        target=Target(res.key, spec, _mark(res)),
+        create_before_destroy=KINDS[res.key.kind].create_before_destroy,
+        source=f"{res.source.file}:{res.source.line}",
+    )
+
+
+def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: list[Problem]) -> Change:
+    model = KINDS[res.key.kind]
+    primary = found[0]
+    applied = primary.mark.applied
+    target = merge(model, res.spec_full, res.spec_set, applied, primary.spec)
+    diffs = [] if target == dict(primary.spec) else diff(model, target, primary.spec, res.spec_set, applied)
+    source = f"{res.source.file}:{res.source.line}"
+    for d in diffs:
+        if isinstance(d.new, int | float) and isinstance(d.old, int | float) and d.new < d.old:
+            meta_shrink = _shrink_of(model, d.path)
+            if meta_shrink == "error":
+                path = ("spec",) + d.path
+                errors.append(
+                    Problem(res.source.file, res.line_of(path),
+                            f"cannot shrink from {d.old} to {d.new}: a {res.key.kind.lower()} only grows; "
+                            f"keep {d.old} or more", res.key.display, format_path(path))
+                )
+    common = dict(key=res.key, observed=tuple(found), source=source,
+                  create_before_destroy=model.create_before_destroy)
+    if not diffs:
+        if primary.mark.orphaned:
+            return Change(action=Action.UPDATE, reason="back in the manifests (was orphaned): adopted again",
+                          target=Target(res.key, target, _mark(res)), **common)
+        if len(found) > 1:
+            return Change(action=Action.UPDATE, reason=f"{len(found) - 1} duplicate host object(s) to remove",
+                          target=Target(res.key, target, _mark(res)), **common)
+        return Change(action=Action.NOOP, reason="up to date", **common)
+    replace = [d for d in diffs if d.policy is UpdatePolicy.REPLACE]
+    restart = [d for d in diffs if d.policy is UpdatePolicy.RESTART]
+    reason = _reason(diffs)
+    notes: list[str] = []
+    if replace:
+        fields = ", ".join(format_path(d.path) for d in replace)
+        notes.extend(_replace_notes(res.key, graph, model.create_before_destroy))
+        return Change(action=Action.REPLACE, reason=f"{fields} forces replacement; {reason}",
+                      disruption=Disruption.REPLACE, diffs=tuple(diffs),
+                      target=Target(res.key, target, _mark(res)), notes=tuple(notes), **common)
+    disruption = Disruption.NONE
+    if restart:
+        disruption = Disruption.RESTART
+        fields = ", ".join(format_path(d.path) for d in restart)
+        if res.key.kind == "Instance" and target.get("restartPolicy") == "Allowed":
+            notes.append(f"{fields}: the instance restarts during apply (restartPolicy: Allowed)")
+        else:
+            notes.append(f"{fields}: takes effect at the next restart")
+    if len(found) > 1:
+        notes.append(f"{len(found) - 1} duplicate host object(s) removed")
+    return Change(action=Action.UPDATE, reason=reason, disruption=disruption, diffs=tuple(diffs),
+                  target=Target(res.key, target, _mark(res)), notes=tuple(notes), **common)
+
+
+def _shrink_of(model: type, path: tuple[str | int, ...]) -> str | None:
+    from reconciler.planner._diff import field_table
+
+    current = model
+    meta = None
+    for part in path:
+        if isinstance(part, int):
+            continue
+        meta = field_table(current).get(part)
+        if meta is None:
+            return None
+        current = meta.nested  # type: ignore[assignment]
+    return meta.shrink if meta else None
+
+
+def _reason(diffs: list[FieldDiff]) -> str:
+    drift = [format_path(d.path) for d in diffs if d.cause == "drift"]
+    intent = [format_path(d.path) for d in diffs if d.cause != "drift"]
+    parts = []
+    if intent:
+        parts.append("manifest changed: " + ", ".join(intent))
+    if drift:
+        parts.append("drift on the host: " + ", ".join(drift))
+    return "; ".join(parts)
+
+
+def _replace_notes(key: Key, graph: nx.DiGraph, cbd: bool) -> list[str]:
+    notes = []
+    if not cbd:
+        notes.append("the old object is destroyed before the new one is created")
+    if key in graph:
+        dependents = sorted(k for k in graph.successors(key) if isinstance(k, Key))
+        instances = [k.display for k in dependents if k.kind == "Instance"]
+        if key.kind == "Network" and instances:
+            notes.append("every instance on it loses its address meanwhile: " + ", ".join(instances))
+        elif dependents:
+            notes.append("depends on it: " + ", ".join(k.display for k in dependents))
+    return notes
+
+
+def _removal(key: Key, found: list[Observed], policy: object, why: str, res: Resource | None) -> Change:
+    stateful = KINDS[key.kind].stateful if key.kind in KINDS else False
+    source = f"{res.source.file}:{res.source.line}" if res else None
+    if stateful and policy != "Delete":
+        if all(o.mark.orphaned for o in found) and res is None:
+            return Change(key=key, action=Action.NOOP, reason="orphaned: retained with its data",
+                          observed=tuple(found), source=source)
+        return Change(key=key, action=Action.ORPHAN,
+                      reason=f"{why}; deletionPolicy Retain keeps it and its data",
+                      observed=tuple(found), source=source)
+    notes = ()
+    if key.kind == "Bucket" and found[0].spec.get("purgeOnDelete"):
+        notes = ("purgeOnDelete: its objects are deleted first",)
+    return Change(key=key, action=Action.DELETE, reason=why, disruption=Disruption.DESTROY,
+                  observed=tuple(found), notes=notes, source=source)
+
+
+def _retain_tenants(changes: dict[Key, Change], owned: Mapping[Key, list[Observed]]) -> None:
+    """A tenant is not deleted while retained objects of it stay on the host."""
+    staying: dict[str, list[Key]] = defaultdict(list)
+    for key in owned:
+        change = changes.get(key)
+        if key.kind != "Tenant" and (change is None or change.action is not Action.DELETE):
+            staying[key.tenant].append(key)
+    for key, change in list(changes.items()):
+        if key.kind == "Tenant" and change.action is Action.DELETE and staying.get(key.tenant):
+            kept = ", ".join(k.display for k in sorted(staying[key.tenant])[:5])
+            changes[key] = Change(key=key, action=Action.ORPHAN, observed=change.observed, source=change.source,
+                                  reason=f"{change.reason}; kept while retained objects remain: {kept}")
+
+
+def _conflict_problem(res: Resource, unowned: Unowned) -> Problem:
+    detail = f" ({unowned.detail})" if unowned.detail else ""
+    return Problem(
+        res.source.file, res.line_of(("metadata", "name")),
+        f"conflict: a {res.key.kind.lower()} host object named {unowned.host_name!r} exists without our "
+        f"ownership mark{detail}; it is left untouched. Remove or rename it on the host, or adopt "
+        "it with `reconciler import`",
+        res.key.display, "metadata.name",
+    )
+
+
+class _Allocator:
+    """Fills host-wide ids (VNI, VLAN id) that manifests omit, stably and uniquely."""
+
+    def __init__(self, desired: Desired, owned: list[Observed]):
+        nets = [o.spec for o in owned if o.key.kind == "Network"]
+        nets += [r.spec_full for r in desired.of_kind("Network")]
+        self.used = {f: used_ids(nets, f) for f in ("vni", "vlanId")}
+
+    def fill(self, res: Resource) -> dict:
+        spec = dict(res.spec_full)
+        if res.key.kind == "Network":
+            field = {"vxlan": "vni", "vlan": "vlanId"}.get(spec.get("type", ""))
+            if field and spec.get(field) is None:
+                spec[field] = allocate(res.key, field, self.used[field])
+        return spec
+
+
+# --- ordering ---------------------------------------------------------------------------
+
+
+def _edges(changes: Mapping[Key, Change], graph: nx.DiGraph) -> list[tuple[str, str]]:
+    edges: set[tuple[str, str]] = set()
+    acting = {k: c for k, c in changes.items() if c.action is not Action.NOOP}
+    for key, change in acting.items():
+        if change.action in _ACTS and key in graph:
+            for dep in graph.predecessors(key):
+                other = acting.get(dep)
+                if other is not None and other.action in _ACTS:
+                    edges.add((other.id, change.id))
+        primary = change.primary
+        if primary is None:
+            continue
+        old = spec_from_applied(key.kind, primary.mark.applied)
+        if old is None:
+            continue
+        for dep, _rule in dependencies_of(key, old):
+            other = acting.get(dep)
+            if other is not None and other.action is Action.DELETE and other is not change:
+                edges.add((change.id, other.id))
+    return sorted(edges)
+
+
+def _ordered(changes: Mapping[Key, Change], edges: list[tuple[str, str]]) -> list[Change]:
+    by_id = {c.id: c for c in changes.values()}
+    g = nx.DiGraph()
+    g.add_nodes_from(c.id for c in changes.values() if c.action is not Action.NOOP)
+    g.add_edges_from(edges)
+    order = [by_id[i] for i in topological_order(g)]
+    noops = sorted((c for c in changes.values() if c.action is Action.NOOP), key=lambda c: c.id)
+    return order + noops

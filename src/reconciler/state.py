@@ -1,0 +1,146 @@
+"""What drivers observe and are asked to realise: marks, observed objects, targets, diffs.
+
+Plain data shared by the planner, the executor and the drivers. The host is the
+observed state: every object we create carries a :class:`Mark` (its key, the hash and
+content of the last applied spec, and whether it is orphaned), and observation reads
+the marks back. There is no state file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from reconciler.models import Key, UpdatePolicy
+from reconciler.models._resource import canonical_json
+
+SENSITIVE = "(sensitive)"
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """The ownership mark on a host object."""
+
+    key: Key
+    spec_hash: str
+    applied: Mapping[str, Any]  # the fields the user had set when it was last applied
+    orphaned: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.key.kind,
+            "tenant": self.key.tenant,
+            "name": self.key.name,
+            "specHash": self.spec_hash,
+            "applied": dict(self.applied),
+            "orphaned": self.orphaned,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Mark":
+        return cls(
+            key=Key(data["kind"], data["tenant"], data["name"]),
+            spec_hash=data["specHash"],
+            applied=dict(data.get("applied") or {}),
+            orphaned=bool(data.get("orphaned", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """One host object carrying our mark, as a driver read it."""
+
+    key: Key
+    identity: str  # unique id of the host object (domain UUID, bridge name, file path...)
+    spec: Mapping[str, Any]  # the live spec, in manifest terms
+    mark: Mark
+    host: Mapping[str, str] = field(default_factory=dict)  # for status: {"bridge": "rc-1a2b"}
+
+    def fingerprint(self) -> str:
+        """Changes whenever the object, its live spec or its mark changes."""
+        text = canonical_json([self.identity, self.spec, self.mark.to_dict()])
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": str(self.key),
+            "identity": self.identity,
+            "spec": dict(self.spec),
+            "mark": self.mark.to_dict(),
+            "host": dict(self.host),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Observed":
+        return cls(
+            key=Key.parse(data["key"]),
+            identity=data["identity"],
+            spec=data["spec"],
+            mark=Mark.from_dict(data["mark"]),
+            host=data.get("host", {}),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Unowned:
+    """A host object without our mark: never modified or deleted, only reported."""
+
+    kind: str
+    host_name: str
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Observation:
+    """One bulk read of the host by one or more drivers."""
+
+    owned: list[Observed] = field(default_factory=list)
+    unowned: list[Unowned] = field(default_factory=list)
+
+    def extend(self, other: "Observation") -> None:
+        self.owned.extend(other.owned)
+        self.unowned.extend(other.unowned)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a driver is asked to realise: the whole spec and the mark to write."""
+
+    key: Key
+    spec: Mapping[str, Any]
+    mark: Mark
+
+
+@dataclass(frozen=True, slots=True)
+class FieldDiff:
+    """One changed field: path in the spec, old and new values, and how it applies."""
+
+    path: tuple[str | int, ...]
+    old: Any
+    new: Any
+    policy: UpdatePolicy
+    cause: str = "manifest"  # "manifest": the user changed it; "drift": the host did
+    sensitive: bool = False
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        hide = redact and self.sensitive
+        return {
+            "path": list(self.path),
+            "old": SENSITIVE if hide and self.old is not None else self.old,
+            "new": SENSITIVE if hide and self.new is not None else self.new,
+            "policy": self.policy.value,
+            "cause": self.cause,
+            "sensitive": self.sensitive,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FieldDiff":
+        return cls(
+            path=tuple(data["path"]),
+            old=data["old"],
+            new=data["new"],
+            policy=UpdatePolicy(data["policy"]),
+            cause=data.get("cause", "manifest"),
+            sensitive=bool(data.get("sensitive", False)),
+        )
