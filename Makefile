@@ -1,0 +1,56 @@
+# reconciler: every target installs what it needs itself (idempotently).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_CONFIG := hostconfig/demo-memory.yaml
+
+.PHONY: setup test test-fast lint-imports schemas docs demo demo-clean bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh "$(PYTHON)" "$(VENV)"
+	touch $(STAMP)
+
+## The whole test suite (what CI runs).
+test: setup
+	$(VENV)/bin/lint-imports --config .importlinter
+	$(PY) -m pytest -q -n 2 tests
+
+test-fast: setup
+	$(PY) -m pytest -q -x tests/unit
+
+lint-imports: setup
+	$(VENV)/bin/lint-imports --config .importlinter
+
+## Regenerate the checked-in JSON Schemas and the manifest reference from the models.
+schemas: setup
+	$(VENV)/bin/reconciler schema --out schemas
+docs: schemas
+	$(PY) -m reconciler.docgen docs/manifests.md
+
+## Apply the example cloud (on the in-memory drivers until the real drivers land).
+demo: setup
+	@echo "NOTE: the real host drivers are not in this version yet; the demo applies manifests/ on the in-memory drivers (state in .demo-state/)."
+	RECONCILER_HOST_CONFIG=$(DEMO_CONFIG) $(VENV)/bin/reconciler validate manifests
+	RECONCILER_HOST_CONFIG=$(DEMO_CONFIG) $(VENV)/bin/reconciler apply manifests --yes
+	RECONCILER_HOST_CONFIG=$(DEMO_CONFIG) $(VENV)/bin/reconciler status
+	@echo
+	@echo "Try next:"
+	@echo "  export RECONCILER_HOST_CONFIG=$(DEMO_CONFIG)"
+	@echo "  edit manifests/globex/cloud.yaml (e.g. mtu: 1300), then: $(VENV)/bin/reconciler plan manifests"
+	@echo "  $(VENV)/bin/reconciler graph manifests --format mermaid"
+	@echo "  $(VENV)/bin/reconciler destroy manifests --yes    (or: make demo-clean)"
+
+demo-clean: setup
+	RECONCILER_HOST_CONFIG=$(DEMO_CONFIG) $(VENV)/bin/reconciler destroy manifests --yes
+	rm -rf .demo-state
+
+## Planner benchmark on generated clouds; writes docs/benchmarks.md.
+bench: setup
+	$(PY) -m benchmarks.plan --sizes 1000 10000 --repeat 5 --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

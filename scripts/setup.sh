@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install what reconciler needs, idempotently: Debian packages, then a virtualenv.
+# Later issues add the host services (libvirtd, dnsmasq, nftables, lvm2, Swift) here.
+set -euo pipefail
+PYTHON=${1:-python3.11}
+VENV=${2:-.venv}
+
+need_apt=()
+command -v git >/dev/null || need_apt+=(git)
+if ! command -v "$PYTHON" >/dev/null; then
+  PYTHON=python3
+fi
+if ! "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+  echo "setup: Python 3.11 or newer is required (found: $("$PYTHON" --version 2>&1))" >&2
+  exit 1
+fi
+"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  else
+    echo "setup: please install: ${need_apt[*]}" >&2
+    exit 1
+  fi
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e ".[test]"
+echo "setup: ready ($("$VENV/bin/python" --version), virtualenv $VENV)"

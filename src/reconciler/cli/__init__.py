@@ -1,0 +1,1 @@
+"""The command line: validate, plan, apply, destroy, graph, status, schema."""

@@ -1,0 +1,321 @@
+"""`reconciler` command line (typer). Errors are messages with an exit code, never tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from reconciler import __version__
+from reconciler.cli.render import (
+    render_outcome,
+    render_plan,
+    render_problems,
+    render_result,
+    render_status,
+)
+from reconciler.controller import Controller
+from reconciler.errors import ReconcilerError, StalePlan, ValidationFailed
+from reconciler.graph import to_dot, to_mermaid
+from reconciler.hostconfig import load_host_config
+from reconciler.loader import load
+from reconciler.log import configure as configure_logging
+from reconciler.planner import Plan
+from reconciler.schema import write_schemas
+
+app = typer.Typer(
+    name="reconciler",
+    help="Make one or a few Linux hosts match a private cloud declared in YAML manifests.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _State:
+    host_config: Optional[str] = None
+
+    def controller(self) -> Controller:
+        return Controller(load_host_config(self.host_config))
+
+
+state = _State()
+
+HostConfigOpt = typer.Option(
+    None, "--host-config", envvar="RECONCILER_HOST_CONFIG",
+    help="Host config file (default: $RECONCILER_HOST_CONFIG, else /etc/reconciler/host.yaml).",
+)
+
+
+def _host_config(value: Optional[str]) -> None:
+    if value:
+        state.host_config = value
+
+
+@app.callback()
+def main_options(
+    host_config: Optional[str] = HostConfigOpt,
+    log_level: str = typer.Option("warning", "--log-level", envvar="RECONCILER_LOG_LEVEL",
+                                  help="debug, info, warning or error (logs go to stderr)."),
+) -> None:
+    configure_logging(log_level)
+    _host_config(host_config)
+
+
+def _run(fn: Callable[[], int | None]) -> None:
+    """Run a command body, turning our errors into messages and exit codes."""
+    try:
+        code = fn() or 0
+    except ValidationFailed as exc:
+        render_problems(err, exc.problems)
+        code = 1
+    except ReconcilerError as exc:
+        err.print(f"Error: {exc}", soft_wrap=True)
+        code = 1
+    except KeyboardInterrupt:
+        err.print("Interrupted.")
+        code = 130
+    raise typer.Exit(code)
+
+
+def _confirm(prompt: str, yes: bool) -> bool:
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        err.print("Refusing to change the host without confirmation: not on a terminal. "
+                  "Pass --yes to apply.")
+        return False
+    answer = typer.prompt(f"{prompt} Only 'yes' will be accepted", default="", show_default=False)
+    if answer.strip() != "yes":
+        err.print("Cancelled; nothing was changed.")
+        return False
+    return True
+
+
+@app.command()
+def validate(paths: list[Path] = typer.Argument(..., help="Manifest files or folders.")) -> None:
+    """Check manifests (schema, references, addresses, quotas, cycles) without touching the host."""
+
+    def body() -> int:
+        desired, problems = load(paths)
+        if problems:
+            raise ValidationFailed(problems)
+        out.print(f"Valid: {len(desired)} resources.")
+        return 0
+
+    _run(body)
+
+
+@app.command()
+def plan(
+    paths: list[Path] = typer.Argument(..., help="Manifest files or folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (sensitive values hidden)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Save the plan for `apply FILE` (mode 0600)."),
+    detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode",
+                                           help="Exit 0 with no changes, 2 with changes, 1 on error."),
+    host_config: Optional[str] = HostConfigOpt,
+) -> None:
+    """Show what apply would change, Terraform-style."""
+    _host_config(host_config)
+
+    def body() -> int:
+        controller = state.controller()
+        desired = controller.load(paths)
+        the_plan = controller.plan(desired)
+        if as_json:
+            out.print_json(the_plan.to_json())
+        else:
+            render_plan(out, the_plan)
+        if the_plan.errors:
+            return 1
+        if out_file is not None:
+            _save_plan(the_plan, out_file)
+            if not as_json:
+                out.print(f"Saved the plan to {out_file}; apply it exactly with: reconciler apply {out_file}")
+        if detailed_exitcode and the_plan.has_changes:
+            return 2
+        return 0
+
+    _run(body)
+
+
+def _save_plan(the_plan: Plan, path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(the_plan.to_json(redact=False))
+    os.chmod(path, 0o600)
+
+
+def _load_plan(path: Path) -> Plan:
+    try:
+        return Plan.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ReconcilerError(f"{path} is not a usable saved plan: {exc}") from None
+
+
+def _is_plan_file(paths: list[Path]) -> bool:
+    if len(paths) != 1 or not paths[0].is_file() or paths[0].suffix in (".yaml", ".yml"):
+        return False
+    with open(paths[0], "rb") as f:
+        return f.read(1) == b"{"
+
+
+def _apply_plan(controller: Controller, the_plan: Plan, parallelism: int, command: str, source: str | None) -> int:
+    progress = out.is_terminal or len(the_plan.actionable) > 0
+    result = controller.apply(
+        the_plan, parallelism=parallelism, command=command, source=source,
+        on_done=(lambda o: render_outcome(out, o)) if progress else None,
+    )
+    render_result(out, result)
+    return 0 if result.ok else 1
+
+
+@app.command()
+def apply(
+    paths: list[Path] = typer.Argument(..., help="Manifest files or folders, or a plan saved with plan --out."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    parallelism: int = typer.Option(8, "--parallelism", min=1, max=256, help="Changes run at once."),
+    lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", min=0,
+                                                 help="Seconds to wait for another apply to finish."),
+    host_config: Optional[str] = HostConfigOpt,
+) -> None:
+    """Make the host match the manifests (or apply a saved plan exactly)."""
+    _host_config(host_config)
+
+    def body() -> int:
+        controller = state.controller()
+        if _is_plan_file(paths):
+            the_plan = _load_plan(paths[0])
+            with controller.lock("apply", lock_timeout):
+                if not the_plan.has_changes:
+                    out.print("No changes in this plan.")
+                    return 0
+                return _apply_plan(controller, the_plan, parallelism, "apply", None)
+        desired = controller.load(paths)
+        with controller.lock("apply", lock_timeout):
+            the_plan = controller.plan(desired)
+            render_plan(out, the_plan)
+            if the_plan.errors:
+                return 1
+            if not the_plan.has_changes:
+                return 0
+            if not _confirm("\nApply these changes?", yes):
+                return 1
+            source = ",".join(str(p.resolve()) for p in paths)
+            return _apply_plan(controller, the_plan, parallelism, "apply", source)
+
+    _run(body)
+
+
+@app.command()
+def destroy(
+    paths: list[Path] = typer.Argument(..., help="Manifest files or folders naming what to destroy."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    parallelism: int = typer.Option(8, "--parallelism", min=1, max=256),
+    lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", min=0),
+    host_config: Optional[str] = HostConfigOpt,
+) -> None:
+    """Remove what the manifests declare (Retain volumes and buckets are orphaned, not deleted)."""
+    _host_config(host_config)
+
+    def body() -> int:
+        controller = state.controller()
+        desired = controller.load(paths)
+        with controller.lock("destroy", lock_timeout):
+            the_plan = controller.plan(desired, destroy=True)
+            render_plan(out, the_plan)
+            if not the_plan.has_changes:
+                return 0
+            if not _confirm("\nDestroy these resources?", yes):
+                return 1
+            return _apply_plan(controller, the_plan, parallelism, "destroy", None)
+
+    _run(body)
+
+
+class GraphFormat(str, Enum):
+    dot = "dot"
+    mermaid = "mermaid"
+
+
+@app.command()
+def graph(
+    paths: list[Path] = typer.Argument(..., help="Manifest files or folders."),
+    fmt: GraphFormat = typer.Option(GraphFormat.dot, "--format", help="dot (Graphviz) or mermaid."),
+) -> None:
+    """Print the dependency graph of the manifests (edges: dependency -> dependent)."""
+
+    def body() -> int:
+        desired = Controller.load(paths)
+        g = Controller.graph(desired)
+        label: Callable[[Any], str] = lambda k: k.display  # noqa: E731
+        text = to_dot(g, label) if fmt is GraphFormat.dot else to_mermaid(g, label)
+        sys.stdout.write(text)
+        return 0
+
+    _run(body)
+
+
+@app.command()
+def status(
+    paths: Optional[list[Path]] = typer.Argument(None, help="Manifests to compare with (default: those of the last apply)."),
+    as_json: bool = typer.Option(False, "--json", help="JSON: a list of {kind, tenant, name, state, host}."),
+    host_config: Optional[str] = HostConfigOpt,
+) -> None:
+    """Every managed resource with its state (ready, drifted, pending, failed, orphaned...) and host identity."""
+    _host_config(host_config)
+
+    def body() -> int:
+        controller = state.controller()
+        sources = [Path(p) for p in paths] if paths else None
+        journal = controller.journal
+        if sources is None:
+            last = journal.last_source()
+            if last:
+                candidates = [Path(p) for p in last.split(",")]
+                if all(p.exists() for p in candidates):
+                    sources = candidates
+        desired = controller.load(sources) if sources else None
+        rows = controller.status(desired)
+        if as_json:
+            sys.stdout.write(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+        else:
+            render_status(out, rows, journal.applies(limit=5))
+        return 0
+
+    _run(body)
+
+
+@app.command()
+def schema(out_dir: Path = typer.Option(Path("schemas"), "--out", help="Folder to write the JSON Schemas to.")) -> None:
+    """Write the JSON Schema of every kind (generated from the models)."""
+
+    def body() -> int:
+        for path in write_schemas(out_dir):
+            out.print(f"wrote {path}")
+        return 0
+
+    _run(body)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(f"reconciler {__version__}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Human output: plans that read like Terraform's, apply progress, status tables."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from reconciler.controller import StatusRow
+from reconciler.errors import Problem, format_path
+from reconciler.executor import ApplyResult, Outcome
+from reconciler.planner import Action, Change, Plan
+from reconciler.state import SENSITIVE
+
+SYMBOL = {
+    Action.CREATE: ("+", "green"),
+    Action.UPDATE: ("~", "yellow"),
+    Action.REPLACE: ("-/+", "magenta"),
+    Action.DELETE: ("-", "red"),
+    Action.ORPHAN: ("!", "cyan"),
+}
+VERB = {
+    Action.CREATE: "will be created",
+    Action.UPDATE: "will be updated in place",
+    Action.REPLACE: "must be replaced",
+    Action.DELETE: "will be destroyed",
+    Action.ORPHAN: "will be orphaned (retained on the host with its data)",
+}
+PAST = {
+    Action.CREATE: "created",
+    Action.UPDATE: "updated",
+    Action.REPLACE: "replaced",
+    Action.DELETE: "destroyed",
+    Action.ORPHAN: "orphaned",
+}
+
+
+def _value(value: Any, sensitive: bool = False) -> str:
+    if sensitive and value is not None:
+        return SENSITIVE
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _symbol(change: Change) -> tuple[str, str]:
+    sym, style = SYMBOL[change.action]
+    if change.action is Action.REPLACE and change.create_before_destroy:
+        sym = "+/-"
+    return sym, style
+
+
+def render_plan(console: Console, plan: Plan, *, sensitive_fields: set[str] | None = None) -> None:
+    acting = plan.actionable
+    if plan.errors:
+        render_problems(console, plan.errors, "Planning found errors; nothing can be applied:")
+        return
+    if not acting:
+        console.print("No changes. The host matches the manifests.")
+        return
+    console.print("Reconciler will perform the following actions:\n")
+    for change in acting:
+        sym, style = _symbol(change)
+        head = Text()
+        head.append(f"  # {change.key.display} {VERB[change.action]}", style="bold")
+        if change.source:
+            head.append(f"  ({change.source})", style="dim")
+        console.print(head)
+        if change.action is not Action.CREATE:
+            console.print(Text(f"  # {change.reason}", style="dim"))
+        line = Text()
+        line.append(f"{sym:>4} ", style=style)
+        line.append(change.key.display, style=style)
+        console.print(line)
+        if change.action is Action.CREATE and change.target is not None:
+            _render_attributes(console, change, style)
+        for diff in change.diffs:
+            row = Text("       ")
+            row.append("~ ", style="yellow")
+            row.append(f"{format_path(diff.path)}: {_value(diff.old, diff.sensitive)} -> "
+                       f"{_value(diff.new, diff.sensitive)}")
+            tags = []
+            if diff.policy.value == "replace":
+                tags.append("forces replacement")
+            elif diff.policy.value == "restart":
+                tags.append("needs restart")
+            if diff.cause == "drift":
+                tags.append("drift: changed on the host")
+            if tags:
+                row.append("   # " + ", ".join(tags), style="dim")
+            console.print(row)
+        for note in change.notes:
+            console.print(Text(f"       ! {note}", style="dim"))
+        console.print()
+    console.print(Text(plan.summary(), style="bold"))
+
+
+def _render_attributes(console: Console, change: Change, style: str) -> None:
+    from reconciler.models import KINDS
+    from reconciler.planner._diff import field_table
+
+    assert change.target is not None
+    table = field_table(KINDS[change.key.kind])
+    for name, value in change.target.spec.items():
+        if value in (None, [], {}, "") or value is False:
+            continue
+        meta = table.get(name)
+        row = Text("       ")
+        row.append("+ ", style=style)
+        row.append(f"{name} = {_value(value, bool(meta and meta.sensitive))}")
+        console.print(row)
+
+
+def render_problems(console: Console, problems: Iterable[Problem], heading: str | None = None) -> None:
+    problems = list(problems)
+    if heading:
+        console.print(Text(heading, style="bold red"))
+    for p in problems:
+        console.print(Text(str(p)), soft_wrap=True)
+    console.print(Text(f"{len(problems)} error(s); nothing was changed.", style="bold red"))
+
+
+def render_outcome(console: Console, outcome: Outcome) -> None:
+    change = outcome.change
+    sym, style = _symbol(change)
+    line = Text()
+    line.append(f"{sym:>4} ", style=style)
+    line.append(change.key.display)
+    if outcome.status == "applied":
+        line.append(f": {PAST[change.action]} ({outcome.duration_s:.2f}s)", style="dim")
+    elif outcome.status == "skipped":
+        line.append(f": {outcome.error}", style="yellow")
+    else:
+        line.append(f": {outcome.status}: {outcome.error}", style="red")
+    console.print(line, soft_wrap=True)
+
+
+def render_result(console: Console, result: ApplyResult) -> None:
+    n = result.counts()
+    failed = n["failed"] + n["mismatch"]
+    text = (f"Apply {'complete' if result.ok else 'finished with errors'}: "
+            f"{n['applied']} applied, {failed} failed, {n['skipped']} skipped "
+            f"in {result.duration_s:.1f} s.")
+    console.print(Text(text, style="bold green" if result.ok else "bold red"))
+    if not result.ok:
+        console.print("Run apply again after fixing the cause: it continues where this one stopped.")
+
+
+STATE_STYLE = {"ready": "green", "drifted": "yellow", "pending": "yellow", "missing": "yellow",
+               "failed": "red", "conflict": "red", "orphaned": "cyan"}
+
+
+def render_status(console: Console, rows: list[StatusRow], applies: list[dict[str, Any]]) -> None:
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    for col in ("KIND", "TENANT", "NAME", "STATE", "HOST", "DETAIL"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        host = " ".join(f"{k}={v}" for k, v in r.host.items())
+        table.add_row(r.kind, r.tenant, r.name, Text(r.state, style=STATE_STYLE.get(r.state, "")),
+                      host, r.last_error or r.detail)
+    if rows:
+        console.print(table)
+    else:
+        console.print("Nothing on this host is managed by reconciler yet.")
+    if applies:
+        console.print()
+        hist = Table(title="Recent applies", box=None, title_justify="left")
+        for col in ("ID", "COMMAND", "STARTED", "DURATION", "OUTCOME", "CHANGES"):
+            hist.add_column(col)
+        for a in applies:
+            changes = ", ".join(
+                f"{a[c]} {c}" for c in ("created", "updated", "replaced", "deleted", "orphaned", "failed", "skipped")
+                if a.get(c)
+            ) or "none"
+            dur = f"{a['duration_s']:.2f}s" if a.get("duration_s") is not None else "-"
+            hist.add_row(str(a["id"]), a["command"], a["started_at"], dur, a.get("outcome") or "running", changes)
+        console.print(hist)

@@ -1,0 +1,211 @@
+"""The controller: load -> graph -> observe -> plan -> apply, with the lock and journal.
+
+The CLI (and later the daemon) call this; it owns the order of steps and nothing else
+does. Each step is a module of its own: loader, checks, dependencies, drivers, planner,
+executor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+import networkx as nx
+
+from reconciler.dependencies import build_graph
+from reconciler.drivers.base import Driver
+from reconciler.drivers.registry import build_drivers
+from reconciler.errors import ValidationFailed
+from reconciler.executor import ApplyResult, Executor, Outcome, observe_all
+from reconciler.hostconfig import HostConfig
+from reconciler.journal import Journal
+from reconciler.loader import load
+from reconciler.lock import HostLock
+from reconciler.models import Desired, Key
+from reconciler.planner import Action, Change, Plan, plan
+from reconciler.state import Observation, Unowned
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRow:
+    kind: str
+    tenant: str
+    name: str
+    state: str
+    host: Mapping[str, str]
+    detail: str = ""
+    last_error: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "tenant": self.tenant,
+            "name": self.name,
+            "state": self.state,
+            "host": dict(self.host),
+            "detail": self.detail,
+            "lastError": self.last_error,
+        }
+
+
+class Controller:
+    """One host: its config, drivers, lock and journal."""
+
+    def __init__(self, config: HostConfig, drivers: Mapping[str, Driver] | None = None):
+        self.config = config
+        self._drivers = dict(drivers) if drivers is not None else None
+
+    @property
+    def drivers(self) -> dict[str, Driver]:
+        if self._drivers is None:
+            self._drivers = build_drivers(self.config)
+        return self._drivers
+
+    @property
+    def journal(self) -> Journal:
+        return Journal(self.config.stateDir)
+
+    # --- steps --------------------------------------------------------------------------
+
+    @staticmethod
+    def load(paths: Sequence[str | os.PathLike[str]]) -> Desired:
+        desired, problems = load(paths)
+        if problems:
+            raise ValidationFailed(problems)
+        return desired
+
+    @staticmethod
+    def graph(desired: Desired) -> nx.DiGraph:
+        return build_graph(desired)
+
+    def observe(self) -> Observation:
+        unique: dict[int, Driver] = {id(d): d for d in self.drivers.values()}
+        return observe_all(unique.values())
+
+    def conflicts(self, desired: Desired, observation: Observation) -> dict[Key, Unowned]:
+        """Desired objects whose host name is taken by an object without our mark."""
+        unowned = {(u.kind, u.host_name): u for u in observation.unowned}
+        if not unowned:
+            return {}
+        found = {}
+        for res in desired:
+            drv = self.drivers[res.key.kind]
+            hit = unowned.get((res.key.kind, drv.host_name(res.key)))
+            if hit is not None:
+                found[res.key] = hit
+        return found
+
+    def plan(self, desired: Desired, *, destroy: bool = False) -> Plan:
+        observation = self.observe()
+        return plan(
+            desired,
+            observation,
+            self.graph(desired),
+            conflicts=self.conflicts(desired, observation),
+            destroy=destroy,
+        )
+
+    def apply(
+        self,
+        the_plan: Plan,
+        *,
+        parallelism: int = 8,
+        command: str = "apply",
+        source: str | None = None,
+        on_start: Callable[[Change], None] | None = None,
+        on_done: Callable[[Outcome], None] | None = None,
+    ) -> ApplyResult:
+        """Apply a plan (the caller holds the lock) and journal the outcome."""
+        journal = self.journal
+        apply_id = journal.begin(command, source)
+
+        def done(outcome: Outcome) -> None:
+            c = outcome.change
+            journal.record_change(apply_id, c.key.kind, c.key.tenant, c.key.name, c.action.value,
+                                  outcome.status, outcome.error, outcome.duration_s)
+            if on_done:
+                on_done(outcome)
+
+        executor = Executor(self.drivers, parallelism=parallelism, on_start=on_start, on_done=done)
+        try:
+            result = executor.apply(the_plan)
+        except BaseException:
+            journal.finish(apply_id, "error", 0.0, {})
+            raise
+        counts = {
+            "created": _n(result, Action.CREATE),
+            "updated": _n(result, Action.UPDATE),
+            "replaced": _n(result, Action.REPLACE),
+            "deleted": _n(result, Action.DELETE),
+            "orphaned": _n(result, Action.ORPHAN),
+            "failed": sum(1 for o in result.outcomes if o.status in ("failed", "mismatch")),
+            "skipped": sum(1 for o in result.outcomes if o.status == "skipped"),
+        }
+        journal.finish(apply_id, "ok" if result.ok else "failed", result.duration_s, counts)
+        return result
+
+    def lock(self, what: str = "apply", timeout_s: float | None = None) -> HostLock:
+        return HostLock(self.config.stateDir, self.config.lockTimeoutSeconds if timeout_s is None else timeout_s,
+                        what=what)
+
+    # --- status ---------------------------------------------------------------------
+
+    def status(self, desired: Desired | None) -> list[StatusRow]:
+        """Every resource (of the manifests, and every object we own) with its state."""
+        observation = self.observe()
+        last = self.journal.last_changes()
+        rows: list[StatusRow] = []
+        planned: dict[Key, Change] = {}
+        if desired is not None:
+            the_plan = plan(desired, observation, self.graph(desired),
+                            conflicts=self.conflicts(desired, observation))
+            planned = {c.key: c for c in the_plan}
+            conflict_keys = self.conflicts(desired, observation)
+        else:
+            conflict_keys = {}
+        hosts: dict[Key, Mapping[str, str]] = {}
+        orphaned: set[Key] = set()
+        for obs in observation.owned:
+            hosts.setdefault(obs.key, obs.host)
+            if obs.mark.orphaned:
+                orphaned.add(obs.key)
+        keys = set(hosts) | set(planned) | set(conflict_keys)
+        for key in sorted(keys):
+            prev = last.get((key.kind, key.tenant, key.name))
+            error = prev.error if prev and prev.outcome != "applied" else None
+            change = planned.get(key)
+            state, detail = _state(key, change, key in hosts, key in orphaned, key in conflict_keys, error)
+            rows.append(StatusRow(key.kind, key.tenant, key.name, state, hosts.get(key, {}), detail, error))
+        return rows
+
+
+def _state(key: Key, change: Change | None, present: bool, orphaned: bool, conflict: bool,
+           error: str | None) -> tuple[str, str]:
+    if conflict:
+        return "conflict", "an object without our mark has its name"
+    if orphaned:
+        return "orphaned", "retained after removal from the manifests"
+    if change is None:
+        return ("failed", error) if error else ("ready", "")
+    if change.action is Action.NOOP:
+        return "ready", ""
+    if error:
+        return "failed", error
+    if not present:
+        return "missing", "not created yet"
+    if change.action in (Action.DELETE, Action.ORPHAN):
+        return "pending", f"{change.action.value}: {change.reason}"
+    if change.diffs and all(d.cause == "drift" for d in change.diffs):
+        return "drifted", change.reason
+    return "pending", f"{change.action.value}: {change.reason}"
+
+
+def _n(result: ApplyResult, action: Action) -> int:
+    return sum(1 for o in result.outcomes if o.change.action is action and o.status == "applied")
+
+
+def desired_or_none(paths: Iterable[str] | None) -> Desired | None:
+    if not paths:
+        return None
+    return Controller.load(list(paths))

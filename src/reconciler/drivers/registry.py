@@ -1,0 +1,32 @@
+"""Build the drivers the host config names, one instance per driver."""
+
+from __future__ import annotations
+
+from reconciler.drivers.base import Driver
+from reconciler.drivers.memory import MemoryDriver
+from reconciler.errors import ConfigError
+from reconciler.hostconfig import HostConfig
+
+
+def build_drivers(config: HostConfig) -> dict[str, Driver]:
+    """Kind -> driver. Kinds served by the same driver share one instance."""
+    names = config.driver_names()
+    instances: dict[str, Driver] = {}
+    out: dict[str, Driver] = {}
+    missing = []
+    for kind, name in names.items():
+        if name not in instances:
+            if name == "memory":
+                kinds = tuple(k for k, n in names.items() if n == "memory")
+                instances[name] = MemoryDriver(config.stateDir / "memory", kinds)
+            else:
+                missing.append(f"{kind}: {name}")
+                continue
+        out[kind] = instances[name]
+    if missing:
+        raise ConfigError(
+            "these drivers are not available in this version: " + ", ".join(missing)
+            + ". Set `drivers: memory` in the host config to try reconciler without touching "
+            "the host."
+        )
+    return out

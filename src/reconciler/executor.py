@@ -1,0 +1,291 @@
+"""apply(Plan) -> ApplyResult: the only place with side effects on the host.
+
+The executor checks before (a plan whose host objects changed since it was made is
+refused), runs the changes over the plan's edges with a bounded thread pool and
+per-driver limits (a failed change skips only what comes after it; every independent
+change still runs; transient errors are retried with backoff), and checks after: it
+observes again and reports any change whose result differs from the plan as a driver
+bug.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, TypeVar
+
+import structlog
+
+from reconciler.drivers.base import Driver
+from reconciler.errors import DriverError, StalePlan, TransientError
+from reconciler.models import Key
+from reconciler.planner import Action, Change, Plan
+from reconciler.state import Observation, Observed
+
+log = structlog.get_logger("reconciler.executor")
+
+T = TypeVar("T")
+
+APPLIED = "applied"
+FAILED = "failed"
+SKIPPED = "skipped"
+MISMATCH = "mismatch"
+
+
+@dataclass(slots=True)
+class Outcome:
+    change: Change
+    status: str
+    error: str | None = None
+    duration_s: float = 0.0
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(o.status == APPLIED for o in self.outcomes)
+
+    def counts(self) -> Counter[str]:
+        return Counter(o.status for o in self.outcomes)
+
+    def by_id(self) -> dict[str, Outcome]:
+        return {o.change.id: o for o in self.outcomes}
+
+
+def drivers_for(plan_changes: Iterable[Change], drivers: Mapping[str, Driver]) -> list[Driver]:
+    """The distinct drivers a set of changes needs (in kind order)."""
+    seen: dict[int, Driver] = {}
+    for change in plan_changes:
+        drv = drivers[change.key.kind]
+        seen.setdefault(id(drv), drv)
+    return list(seen.values())
+
+
+def observe_all(drivers: Iterable[Driver]) -> Observation:
+    result = Observation()
+    for drv in drivers:
+        result.extend(drv.observe())
+    return result
+
+
+def check_fresh(plan: Plan, observation: Observation) -> None:
+    """Raise StalePlan when a host object a change touches differs from plan time."""
+    now: dict[Key, dict[str, str]] = defaultdict(dict)
+    for obs in observation.owned:
+        now[obs.key][obs.identity] = obs.fingerprint()
+    stale = []
+    for change in plan.actionable:
+        then = {o.identity: o.fingerprint() for o in change.observed}
+        if now.get(change.key, {}) != then:
+            stale.append(change.key.display)
+    if stale:
+        listed = ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else "")
+        raise StalePlan(
+            f"the host changed since the plan was made ({listed}); nothing was applied. "
+            "Run plan again."
+        )
+
+
+class Executor:
+    """Runs a plan's changes through the drivers, in graph order, in parallel."""
+
+    def __init__(
+        self,
+        drivers: Mapping[str, Driver],
+        *,
+        parallelism: int = 8,
+        retries: int = 2,
+        backoff_s: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        on_start: Callable[[Change], None] | None = None,
+        on_done: Callable[[Outcome], None] | None = None,
+    ):
+        if parallelism < 1:
+            raise ValueError("parallelism must be at least 1")
+        self.drivers = drivers
+        self.parallelism = parallelism
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.sleep = sleep
+        self.clock = clock
+        self.on_start = on_start or (lambda c: None)
+        self.on_done = on_done or (lambda o: None)
+
+    # --- the whole run ----------------------------------------------------------------
+
+    def apply(self, plan: Plan, *, check: bool = True) -> ApplyResult:
+        started = self.clock()
+        changes = plan.actionable
+        involved = drivers_for(changes, self.drivers)
+        if check and changes:
+            check_fresh(plan, observe_all(involved))
+        outcomes = self._run(changes, plan.edges)
+        if changes:
+            self._verify(outcomes, observe_all(involved))
+        order = {c.id: i for i, c in enumerate(changes)}
+        result = ApplyResult(sorted(outcomes.values(), key=lambda o: order[o.change.id]))
+        result.duration_s = self.clock() - started
+        return result
+
+    def _run(self, changes: list[Change], edges: list[tuple[str, str]]) -> dict[str, Outcome]:
+        by_id = {c.id: c for c in changes}
+        succ: dict[str, list[str]] = defaultdict(list)
+        indegree: Counter[str] = Counter()
+        for a, b in edges:
+            if a in by_id and b in by_id:
+                succ[a].append(b)
+                indegree[b] += 1
+        ready = deque(c.id for c in changes if indegree[c.id] == 0)
+        outcomes: dict[str, Outcome] = {}
+        skipped_by: dict[str, str] = {}
+        busy: Counter[int] = Counter()
+        running: dict[Future[Outcome], str] = {}
+
+        with ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="apply") as pool:
+            while ready or running:
+                for cid in list(ready):
+                    if len(running) >= self.parallelism:
+                        break
+                    drv = self.drivers[by_id[cid].key.kind]
+                    if busy[id(drv)] >= max(1, drv.max_parallel):
+                        continue
+                    ready.remove(cid)
+                    busy[id(drv)] += 1
+                    self.on_start(by_id[cid])
+                    running[pool.submit(self._one, by_id[cid], drv)] = cid
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    cid = running.pop(fut)
+                    change = by_id[cid]
+                    busy[id(self.drivers[change.key.kind])] -= 1
+                    outcome = fut.result()
+                    outcomes[cid] = outcome
+                    self.on_done(outcome)
+                    if outcome.status != APPLIED:
+                        for later in _descendants(cid, succ):
+                            skipped_by.setdefault(later, cid)
+                    for nxt in succ[cid]:
+                        indegree[nxt] -= 1
+                        if indegree[nxt] == 0 and nxt not in skipped_by:
+                            ready.append(nxt)
+        for cid, cause in skipped_by.items():
+            if cid not in outcomes:
+                outcome = Outcome(by_id[cid], SKIPPED, f"skipped: {by_id[cause].key.display} failed")
+                outcomes[cid] = outcome
+                self.on_done(outcome)
+        return outcomes
+
+    # --- one change -----------------------------------------------------------------
+
+    def _one(self, change: Change, drv: Driver) -> Outcome:
+        started = self.clock()
+        attempts = [0]
+        try:
+            self._act(change, drv, attempts)
+        except DriverError as exc:
+            return Outcome(change, FAILED, f"{type(exc).__name__}: {exc}", self.clock() - started, attempts[0])
+        except Exception as exc:  # noqa: BLE001 - a driver bug must not stop the others
+            log.exception("driver raised an untranslated error", change=change.id)
+            return Outcome(change, FAILED, f"internal error in driver {drv.name}: {type(exc).__name__}: {exc}",
+                           self.clock() - started, attempts[0])
+        return Outcome(change, APPLIED, None, self.clock() - started, attempts[0])
+
+    def _act(self, change: Change, drv: Driver, attempts: list[int]) -> None:
+        def retry(fn: Callable[[], T]) -> T:
+            return self._with_retries(fn, attempts)
+
+        action = change.action
+        target = change.target
+        if action is Action.CREATE:
+            assert target is not None
+            retry(lambda: drv.create(target))
+        elif action is Action.UPDATE:
+            assert target is not None and change.primary is not None
+            primary = change.primary
+            retry(lambda: drv.update(target, primary, change.diffs))
+            for dup in change.duplicates:
+                retry(lambda dup=dup: drv.delete(dup))  # type: ignore[misc]
+        elif action is Action.REPLACE:
+            assert target is not None
+            if change.create_before_destroy:
+                retry(lambda: drv.create(target))
+            for old in change.observed:
+                retry(lambda old=old: drv.delete(old))  # type: ignore[misc]
+            if not change.create_before_destroy:
+                retry(lambda: drv.create(target))
+        elif action is Action.DELETE:
+            for old in change.observed:
+                retry(lambda old=old: drv.delete(old))  # type: ignore[misc]
+        elif action is Action.ORPHAN:
+            for old in change.observed:
+                if not old.mark.orphaned:
+                    retry(lambda old=old: drv.orphan(old))  # type: ignore[misc]
+
+    def _with_retries(self, fn: Callable[[], T], attempts: list[int]) -> T:
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            attempts[0] += 1
+            try:
+                return fn()
+            except TransientError as exc:
+                if attempt == self.retries:
+                    raise
+                log.warning("transient error, retrying", error=str(exc), delay_s=delay)
+                self.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- afterwards -----------------------------------------------------------------
+
+    def _verify(self, outcomes: dict[str, Outcome], observation: Observation) -> None:
+        """Observe again: a change whose result differs from the plan is a driver bug."""
+        now: dict[Key, list[Observed]] = defaultdict(list)
+        for obs in observation.owned:
+            now[obs.key].append(obs)
+        for outcome in outcomes.values():
+            if outcome.status != APPLIED:
+                continue
+            problem = _differs(outcome.change, now.get(outcome.change.key, []))
+            if problem:
+                outcome.status = MISMATCH
+                outcome.error = f"driver result differs from the plan: {problem}"
+                log.error("driver result differs from plan", change=outcome.change.id, problem=problem)
+
+
+def _differs(change: Change, found: list[Observed]) -> str | None:
+    if change.action is Action.DELETE:
+        return f"{len(found)} object(s) still on the host" if found else None
+    if change.action is Action.ORPHAN:
+        return None if all(o.mark.orphaned for o in found) else "not flagged orphaned"
+    target = change.target
+    assert target is not None
+    if len(found) != 1:
+        return f"expected one object on the host, found {len(found)}"
+    obs = found[0]
+    if obs.mark.spec_hash != target.mark.spec_hash or obs.mark.orphaned:
+        return "the ownership mark was not written as planned"
+    if dict(obs.spec) != dict(target.spec):
+        fields = sorted(k for k in set(obs.spec) | set(target.spec) if obs.spec.get(k) != target.spec.get(k))
+        return "fields differ after apply: " + ", ".join(fields)
+    return None
+
+
+def _descendants(start: str, succ: Mapping[str, list[str]]) -> set[str]:
+    seen: set[str] = set()
+    stack = list(succ.get(start, ()))
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(succ.get(node, ()))
+    return seen

@@ -1,0 +1,94 @@
+"""The host config: settings of this host, not of the cloud (state dir, drivers...).
+
+Found at `--host-config FILE`, else `$RECONCILER_HOST_CONFIG`, else
+`/etc/reconciler/host.yaml`; when none exists the defaults apply.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from reconciler.errors import ConfigError, format_path
+
+DEFAULT_PATH = Path("/etc/reconciler/host.yaml")
+ENV_VAR = "RECONCILER_HOST_CONFIG"
+
+#: the real driver of each kind (the default)
+REAL_DRIVERS: dict[str, str] = {
+    "Tenant": "identity",
+    "Network": "netlink",
+    "Router": "netlink",
+    "SecurityGroup": "netlink",
+    "Image": "libvirt",
+    "Instance": "libvirt",
+    "Volume": "file",
+    "Bucket": "swift",
+}
+
+
+class HostConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stateDir: Path = Field(
+        Path("/var/lib/reconciler"),
+        description="Journal, lock, dnsmasq files and in-memory driver state live here.",
+    )
+    drivers: Literal["memory", "real"] | dict[str, str] = Field(
+        "real",
+        description="`memory` (every kind in memory, for tests and trying it), `real` "
+        "(the host drivers), or a map of kind to driver name.",
+    )
+    lockTimeoutSeconds: float = Field(60.0, ge=0, description="How long apply waits for the host lock.")
+    #: where it was read from (None: defaults)
+    source: Path | None = Field(None, exclude=True)
+
+    def driver_names(self) -> dict[str, str]:
+        if self.drivers == "memory":
+            return {kind: "memory" for kind in REAL_DRIVERS}
+        if self.drivers == "real":
+            return dict(REAL_DRIVERS)
+        names = dict(REAL_DRIVERS)
+        names.update(self.drivers)
+        return names
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> tuple[Path, bool]:
+    """(path, required): an explicit or environment path must exist."""
+    if explicit:
+        return Path(explicit), True
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env), True
+    return DEFAULT_PATH, False
+
+
+def load_host_config(explicit: str | os.PathLike[str] | None = None) -> HostConfig:
+    path, required = config_path(explicit)
+    if not path.exists():
+        if required:
+            raise ConfigError(f"host config {path} does not exist")
+        return HostConfig()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"host config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"host config {path}: must be a mapping of settings")
+    try:
+        config = HostConfig.model_validate(data)
+    except pydantic.ValidationError as exc:
+        lines = [f"{path}: {format_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("host config is invalid:\n" + "\n".join(lines)) from None
+    unknown = set(config.driver_names()) - set(REAL_DRIVERS)
+    if unknown:
+        raise ConfigError(f"{path}: drivers: unknown kind(s) {', '.join(sorted(unknown))}")
+    config.source = path
+    if not config.stateDir.is_absolute():
+        config.stateDir = (path.parent / config.stateDir).resolve()
+    return config
