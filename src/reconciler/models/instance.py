@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ipaddress import IPv4Address
-from typing import Iterable, Literal
+from typing import ClassVar, Iterable, Literal
 
 from pydantic import Field
 
@@ -12,6 +12,9 @@ from reconciler.models._fields import UpdatePolicy, spec_field
 
 
 class Nic(Strict):
+    #: a NIC is the same NIC (keeps its host-chosen address) only on the same network
+    list_identity: ClassVar[str] = "network"
+
     network: Name = Field(description="Network of the tenant the NIC is on.")
     ip: IPv4Address | None = spec_field(
         None,
@@ -24,6 +27,8 @@ class Nic(Strict):
 
 
 class VolumeAttachment(Strict):
+    list_identity: ClassVar[str] = "volume"
+
     volume: Name = Field(description="Volume of the tenant to attach.")
     device: str | None = Field(
         None,

@@ -5,6 +5,9 @@
   fields declared `hostDefault` (allocated or chosen by the host, like a VNI), whose
   live value stands; and maps declared `mergeKeys` keep the keys the user never set
   (someone else's metadata), dropping only keys the user removed since the last apply.
+  Lists of models merge element by element, and only where the element is still the
+  same one (a model's `list_identity` field, e.g. a NIC's network): a NIC moved to
+  another network does not keep the old network's address.
 - `diff` compares the target with the live spec, field by field (recursing into nested
   models and into lists of models element by element), and tags each difference with
   its update policy and its cause: "drift" when the manifest still says what was last
@@ -94,9 +97,13 @@ def merge(
             elif meta.nested is not None and meta.is_list and isinstance(value, list) and isinstance(live_value, list):
                 sub_set = user_set[name] if isinstance(user_set[name], list) else []
                 sub_applied = applied.get(name) if isinstance(applied.get(name), list) else []
+                ident = getattr(meta.nested, "list_identity", None)
                 out[name] = [
                     merge(meta.nested, item, _index(sub_set, i) or {}, _as_map(_index(sub_applied, i)), live_value[i])
-                    if i < len(live_value) and isinstance(item, dict) and isinstance(live_value[i], dict)
+                    if i < len(live_value)
+                    and isinstance(item, dict)
+                    and isinstance(live_value[i], dict)
+                    and (ident is None or item.get(ident) == live_value[i].get(ident))
                     else item
                     for i, item in enumerate(value)
                 ]

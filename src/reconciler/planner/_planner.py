@@ -14,7 +14,8 @@ For every resource the planner decides one action:
 
 Ordering edges between changes (data in the plan, so a saved plan keeps them):
 creates and updates after the creates and updates of what they reference now; deletes
-after the changes of everything that referenced them when last applied.
+(and replaces) after the changes (deletes) of everything that referenced them when
+last applied.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def plan(
                 continue
             changes[key] = _create(res, allocator)
         else:
-            change = _update(res, found, graph, errors)
+            change = _update(res, found, graph, errors, allocator)
             changes[key] = change
 
     if not destroy:
@@ -111,12 +112,15 @@ def _create(res: Resource, allocator: "_Allocator") -> Change:
     )
 
 
-def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: list[Problem]) -> Change:
+def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: list[Problem],
+            allocator: "_Allocator") -> Change:
     model = KINDS[res.key.kind]
     primary = found[0]
     applied = primary.mark.applied
     target = merge(model, res.spec_full, res.spec_set, applied, primary.spec)
     diffs = [] if target == dict(primary.spec) else diff(model, target, primary.spec, res.spec_set, applied)
+    if res.key.kind == "Network" and target.get("type") != primary.spec.get("type"):
+        target = allocator.retype(res, target)  # replaced: the old type's host ids do not carry over
     source = f"{res.source.file}:{res.source.line}"
     for d in diffs:
         if isinstance(d.new, int | float) and isinstance(d.old, int | float) and d.new < d.old:
@@ -229,6 +233,10 @@ def _retain_tenants(changes: dict[Key, Change], owned: Mapping[Key, list[Observe
     for key, change in list(changes.items()):
         if key.kind == "Tenant" and change.action is Action.DELETE and staying.get(key.tenant):
             kept = ", ".join(k.display for k in sorted(staying[key.tenant])[:5])
+            if all(o.mark.orphaned for o in change.observed):  # already orphaned: nothing to do
+                changes[key] = Change(key=key, action=Action.NOOP, observed=change.observed, source=change.source,
+                                      reason=f"orphaned: kept while retained objects remain: {kept}")
+                continue
             changes[key] = Change(key=key, action=Action.ORPHAN, observed=change.observed, source=change.source,
                                   reason=f"{change.reason}; kept while retained objects remain: {kept}")
 
@@ -260,6 +268,17 @@ class _Allocator:
                 spec[field] = allocate(res.key, field, self.used[field])
         return spec
 
+    def retype(self, res: Resource, target: dict) -> dict:
+        """A network changing type: host-chosen ids and MTU of the old type go; new ids are allocated."""
+        spec = dict(target)
+        for name in ("vni", "vlanId", "mtu"):
+            if name not in res.spec_set:
+                spec[name] = None
+        field = {"vxlan": "vni", "vlan": "vlanId"}.get(spec.get("type", ""))
+        if field and spec.get(field) is None:
+            spec[field] = allocate(res.key, field, self.used[field])
+        return spec
+
 
 # --- ordering ---------------------------------------------------------------------------
 
@@ -281,7 +300,12 @@ def _edges(changes: Mapping[Key, Change], graph: nx.DiGraph) -> list[tuple[str, 
             continue
         for dep, _rule in dependencies_of(key, old):
             other = acting.get(dep)
-            if other is not None and other.action is Action.DELETE and other is not change:
+            if other is None or other is change:
+                continue
+            if other.action is Action.DELETE:
+                edges.add((change.id, other.id))
+            elif change.action is Action.DELETE and other.action is Action.REPLACE:
+                # what goes away stops using the old object before that one is destroyed
                 edges.add((change.id, other.id))
     return sorted(edges)
 
