@@ -54,6 +54,8 @@ class MemoryDriver:
             if not folder.is_dir():
                 continue
             for path in sorted(folder.glob("*.json")):
+                if path.name.startswith("."):
+                    continue  # a temporary file of a write (a killed apply may leave one)
                 try:
                     data = json.loads(path.read_text())
                 except (OSError, ValueError):
@@ -87,7 +89,7 @@ class MemoryDriver:
             existing = _read(path)
             if not existing or not existing.get("mark"):
                 raise Conflict(f"{path} exists and is not ours; not touching it")
-            if Mark.from_dict(existing["mark"]).key != target.key:
+            if _mark_key(existing) != target.key:
                 raise Conflict(f"{path} belongs to another resource")
             # create-before-destroy: the old object still exists under the base name
             path = folder / f"{base}.{n}.json"
@@ -137,8 +139,16 @@ def _base_name(path: Path) -> str:
 
 
 def _check_ours(data: dict[str, Any], observed: Observed, path: Path) -> None:
-    if not data.get("mark") or Mark.from_dict(data["mark"]).key != observed.key:
+    if not data.get("mark") or _mark_key(data) != observed.key:
         raise Conflict(f"{path} is no longer ours; not touching it")
+
+
+def _mark_key(data: dict[str, Any]) -> Key | None:
+    """The key in a file's mark; None when the mark is not one of ours (someone else's)."""
+    try:
+        return Mark.from_dict(data["mark"]).key
+    except (KeyError, TypeError, AttributeError):
+        return None
 
 
 def _read(path: Path) -> dict[str, Any] | None:
