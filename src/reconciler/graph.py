@@ -6,6 +6,7 @@ ordering, and rendering as Graphviz dot or Mermaid.
 
 from __future__ import annotations
 
+import heapq
 from typing import Callable, Hashable, Iterable
 
 import networkx as nx
@@ -45,6 +46,33 @@ def _cycle_through(graph: nx.DiGraph, start: Hashable) -> list[Hashable]:
 def topological_order(graph: nx.DiGraph) -> list[Hashable]:
     """Nodes in an order where every edge points forward; ties broken by name."""
     return list(nx.lexicographical_topological_sort(graph, key=str))
+
+
+def order(nodes: Iterable[str], edges: Iterable[tuple[str, str]]) -> list[str]:
+    """Kahn's algorithm over string nodes: every edge points forward, ties by name.
+
+    The same result as `topological_order` on the graph they make, without building one
+    (the planner orders tens of thousands of changes). Raises ValueError on a cycle.
+    """
+    nodes = list(nodes)
+    succ: dict[str, list[str]] = {n: [] for n in nodes}
+    indegree = dict.fromkeys(nodes, 0)
+    for a, b in edges:
+        succ[a].append(b)
+        indegree[b] += 1
+    heap = [n for n, d in indegree.items() if d == 0]
+    heapq.heapify(heap)
+    out: list[str] = []
+    while heap:
+        node = heapq.heappop(heap)
+        out.append(node)
+        for nxt in succ[node]:
+            indegree[nxt] -= 1
+            if indegree[nxt] == 0:
+                heapq.heappush(heap, nxt)
+    if len(out) != len(nodes):
+        raise ValueError("the edges have a cycle")
+    return out
 
 
 def descendants(graph: nx.DiGraph, node: Hashable) -> set[Hashable]:

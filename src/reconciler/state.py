@@ -26,6 +26,8 @@ class Mark:
     spec_hash: str
     applied: Mapping[str, Any]  # the fields the user had set when it was last applied
     orphaned: bool = False
+    #: metadata.dependsOn when last applied, so deletes honour it in reverse
+    depends_on: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -35,6 +37,7 @@ class Mark:
             "specHash": self.spec_hash,
             "applied": dict(self.applied),
             "orphaned": self.orphaned,
+            "dependsOn": list(self.depends_on),
         }
 
     @classmethod
@@ -44,6 +47,7 @@ class Mark:
             spec_hash=data["specHash"],
             applied=dict(data.get("applied") or {}),
             orphaned=bool(data.get("orphaned", False)),
+            depends_on=tuple(data.get("dependsOn") or ()),
         )
 
 

@@ -967,6 +967,20 @@ def test_router_deleted_while_its_network_is_replaced_goes_first(scenario) -> No
     assert pos[ROUTER] < pos[NET]
 
 
+def test_deletes_honour_depends_on_in_reverse(write_manifests) -> None:
+    logs = _doc("Bucket", "logs", {"deletionPolicy": "Delete"})
+    app = _doc("Bucket", "app", {"deletionPolicy": "Delete"}, dependsOn=["Bucket/logs"])
+    first = _plan_docs(write_manifests, [BASE[0], logs, app])
+    assert ("Bucket/acme/logs", "Bucket/acme/app") in first.edges
+    obs = _apply(first)
+    assert _find(obs, "Bucket/acme/app").mark.depends_on == ("Bucket/logs",)
+    gone = _plan_docs(write_manifests, [BASE[0]], obs)
+    # app was created after logs, so it is deleted before it
+    assert ("Bucket/acme/app", "Bucket/acme/logs") in gone.edges
+    pos = _position(gone)
+    assert pos["Bucket/acme/app"] < pos["Bucket/acme/logs"]
+
+
 def test_example_cloud_plans_in_a_valid_order(example_manifests) -> None:
     desired, problems = load([example_manifests])
     assert problems == []

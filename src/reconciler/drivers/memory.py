@@ -11,6 +11,7 @@ a file without ``"mark"`` stands for an object someone else created by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -123,7 +124,7 @@ class MemoryDriver:
         if data is None:
             raise NotFound(f"{observed.key.display}: {path} is gone")
         _check_ours(data, observed, path)
-        mark = Mark(observed.mark.key, observed.mark.spec_hash, observed.mark.applied, orphaned=True)
+        mark = dataclasses.replace(observed.mark, orphaned=True)
         data["mark"] = mark.to_dict()
         _write(path, data)
         return Observed(observed.key, observed.identity, observed.spec, mark, observed.host)

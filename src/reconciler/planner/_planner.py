@@ -27,7 +27,7 @@ import networkx as nx
 
 from reconciler.dependencies import build_graph, dependencies_of, spec_from_applied
 from reconciler.errors import Problem, format_path
-from reconciler.graph import topological_order
+from reconciler.graph import order
 from reconciler.models import KINDS, Desired, Key, Resource, UpdatePolicy
 from reconciler.planner._alloc import allocate, used_ids
 from reconciler.planner._diff import diff, merge
@@ -97,7 +97,7 @@ def _group(owned: Iterable[Observed], desired: Desired) -> dict[Key, list[Observ
 
 
 def _mark(res: Resource) -> Mark:
-    return Mark(res.key, res.spec_hash, res.spec_set)
+    return Mark(res.key, res.spec_hash, res.spec_set, depends_on=tuple(res.metadata.dependsOn))
 
 
 def _create(res: Resource, allocator: "_Allocator") -> Change:
@@ -117,7 +117,10 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
     model = KINDS[res.key.kind]
     primary = found[0]
     applied = primary.mark.applied
-    target = merge(model, res.spec_full, res.spec_set, applied, primary.spec)
+    if res.spec_full == primary.spec:  # the common case: nothing to merge
+        target = dict(res.spec_full)
+    else:
+        target = merge(model, res.spec_full, res.spec_set, applied, primary.spec)
     diffs = [] if target == dict(primary.spec) else diff(model, target, primary.spec, res.spec_set, applied)
     if res.key.kind == "Network" and target.get("type") != primary.spec.get("type"):
         target = allocator.retype(res, target)  # replaced: the old type's host ids do not carry over
@@ -286,35 +289,34 @@ class _Allocator:
 def _edges(changes: Mapping[Key, Change], graph: nx.DiGraph) -> list[tuple[str, str]]:
     edges: set[tuple[str, str]] = set()
     acting = {k: c for k, c in changes.items() if c.action is not Action.NOOP}
+    ids = {k: str(k) for k in acting}
     for key, change in acting.items():
         if change.action in _ACTS and key in graph:
             for dep in graph.predecessors(key):
                 other = acting.get(dep)
                 if other is not None and other.action in _ACTS:
-                    edges.add((other.id, change.id))
+                    edges.add((ids[dep], ids[key]))
         primary = change.primary
         if primary is None:
             continue
         old = spec_from_applied(key.kind, primary.mark.applied)
         if old is None:
             continue
-        for dep, _rule in dependencies_of(key, old):
+        for dep, _rule in dependencies_of(key, old, primary.mark.depends_on):
             other = acting.get(dep)
             if other is None or other is change:
                 continue
             if other.action is Action.DELETE:
-                edges.add((change.id, other.id))
+                edges.add((ids[key], ids[dep]))
             elif change.action is Action.DELETE and other.action is Action.REPLACE:
                 # what goes away stops using the old object before that one is destroyed
-                edges.add((change.id, other.id))
+                edges.add((ids[key], ids[dep]))
     return sorted(edges)
 
 
 def _ordered(changes: Mapping[Key, Change], edges: list[tuple[str, str]]) -> list[Change]:
+    """Acting changes in a topological order of the edges (ties by id), then the noops."""
     by_id = {c.id: c for c in changes.values()}
-    g = nx.DiGraph()
-    g.add_nodes_from(c.id for c in changes.values() if c.action is not Action.NOOP)
-    g.add_edges_from(edges)
-    order = [by_id[i] for i in topological_order(g)]
-    noops = sorted((c for c in changes.values() if c.action is Action.NOOP), key=lambda c: c.id)
-    return order + noops
+    acting = [i for i, c in by_id.items() if c.action is not Action.NOOP]
+    noops = sorted(i for i, c in by_id.items() if c.action is Action.NOOP)
+    return [by_id[i] for i in order(acting, edges)] + [by_id[i] for i in noops]

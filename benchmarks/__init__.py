@@ -1,0 +1,1 @@
+"""Benchmarks: separate commands that measure, never timed assertions in the test suite."""
