@@ -84,6 +84,12 @@ def _names(desired: Desired, kind: str, tenant: str) -> list[str]:
 def _dangling(desired: Desired, kind: str, tenant: str, name: str) -> str:
     close = difflib.get_close_matches(name, _names(desired, kind, tenant), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    elsewhere = sorted(
+        r.key.tenant for r in desired.of_kind(kind) if r.key.name == name and r.key.tenant != tenant
+    )
+    if elsewhere and not hint:  # the user may think references can cross tenants
+        other = elsewhere[0]
+        hint = f" ({kind} {other}/{name} exists, but in tenant {other!r}: references cannot cross tenants)"
     return f"no {kind} named {name!r} in tenant {tenant!r}{hint}"
 
 
@@ -279,9 +285,12 @@ def check_cycles(desired: Desired) -> Iterator[Problem]:
         first = next((desired.get(k) for k in cycle if k in desired), None)
         if first is None:
             continue
-        names = " -> ".join(k.display for k in cycle + [cycle[0]])
+        # graph edges point from a dependency to its dependent: list each resource, then
+        # what it depends on, as a user reads dependsOn
+        order = [cycle[0]] + cycle[:0:-1] + [cycle[0]]
+        names = " -> ".join(k.display for k in order)
         path = ("metadata", "dependsOn") if first.metadata.dependsOn else ("metadata", "name")
-        yield problem(first, path, f"dependency cycle: {names}")
+        yield problem(first, path, f"dependency cycle: {names} (each depends on the next)")
 
 
 PER_RESOURCE: tuple[Check, ...] = (check_subnets,)

@@ -9,13 +9,14 @@ against its kind's model, then runs the cross-resource checks of
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import pydantic
 import yaml
-from yaml.constructor import SafeConstructor
+from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from reconciler import API_VERSION
@@ -24,6 +25,7 @@ from reconciler.models import KINDS, Desired, Key, Resource, Source, document_mo
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
 MAX_NODES_PER_FILE = 500_000  # bounds alias expansion ("billion laughs") and huge input
+MAX_DEPTH = 100  # nesting levels; libyaml's composer recurses in C and would overflow the stack
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 
 _ComposeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -90,8 +92,9 @@ def _parse_file(file: Path, problems: list[Problem]) -> list[_Document]:
     constructor = SafeConstructor()
     budget = [MAX_NODES_PER_FILE]
     try:
+        _check_depth(text)
         for node in yaml.compose_all(text, Loader=_ComposeLoader):
-            if node is None:
+            if node is None or _is_empty_document(node):
                 continue
             lines: dict[Path_, int] = {}
             data = _to_data(node, (), lines, constructor, budget, name, problems)
@@ -101,6 +104,10 @@ def _parse_file(file: Path, problems: list[Problem]) -> list[_Document]:
         line = mark.line + 1 if mark else 1
         msg = " ".join(str(m) for m in (exc.context, exc.problem) if m)
         problems.append(Problem(name, line, f"YAML syntax error: {msg}"))
+    except yaml.reader.ReaderError as exc:
+        before = text[: exc.position] if _ComposeLoader is yaml.SafeLoader else raw[: exc.position]
+        line = before.count("\n" if isinstance(before, str) else b"\n") + 1
+        problems.append(Problem(name, line, f"YAML error: {str(exc).splitlines()[0]}"))
     except yaml.YAMLError as exc:
         problems.append(Problem(name, 1, f"YAML error: {exc}"))
     except _TooLarge:
@@ -113,10 +120,81 @@ def _parse_file(file: Path, problems: list[Problem]) -> list[_Document]:
             )
         )
         return []
+    except _TooDeep as exc:
+        problems.append(
+            Problem(name, exc.line, f"YAML nesting is deeper than {MAX_DEPTH} levels; refusing to load")
+        )
+        return []
     except RecursionError:
         problems.append(Problem(name, 1, "YAML nesting is too deep"))
         return []
     return docs
+
+
+class _TooDeep(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
+def _check_depth(text: str) -> None:
+    """Raise _TooDeep before composing a document nested deeper than MAX_DEPTH.
+
+    Parsing events is iterative (no recursion), so this is safe on any input. A syntax
+    error stops the scan: composing stops at the same place and reports it.
+    """
+    depth = 0
+    events = yaml.parse(text, Loader=_ComposeLoader)
+    while True:
+        try:
+            event = next(events)
+        except (StopIteration, yaml.YAMLError):
+            return
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _TooDeep(event.start_mark.line + 1)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def _is_empty_document(node: Node) -> bool:
+    """An empty document (a comment only, or nothing between two `---`): skipped."""
+    return isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:null" and node.value == ""
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+_Pairs = list[tuple[Node, Node]]
+
+
+def _merge_keys(node: MappingNode, budget: list[int]) -> tuple[_Pairs, _Pairs]:
+    """(pairs merged in by YAML merge keys `<<`, the mapping's own pairs).
+
+    Like SafeConstructor.flatten_mapping but leaves the node unchanged (an aliased mapping
+    is read again the same way) and charges the budget, since nested merges of aliases
+    grow exponentially.
+    """
+    merged: _Pairs = []
+    own: _Pairs = []
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE_TAG:
+            own.append((key_node, value_node))
+            continue
+        sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
+        for source in reversed(sources):
+            if not isinstance(source, MappingNode):
+                raise ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"expected a mapping or list of mappings for merging, but found {source.id}",
+                    source.start_mark,
+                )
+            sub_merged, sub_own = _merge_keys(source, budget)
+            budget[0] -= 1 + len(sub_merged) + len(sub_own)
+            if budget[0] < 0:
+                raise _TooLarge
+            merged += sub_merged + sub_own
+    return merged, own
 
 
 def _to_data(
@@ -133,9 +211,13 @@ def _to_data(
         raise _TooLarge
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, MappingNode):
-        constructor.flatten_mapping(node)  # YAML merge keys (<<)
+        merged, own = _merge_keys(node, budget)  # YAML merge keys (<<)
+        pairs = merged + own
+        last = {k.value: i for i, (k, _) in enumerate(pairs) if isinstance(k, ScalarNode)}
         out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
+        for index, (key_node, value_node) in enumerate(pairs):
+            if index < len(merged) and isinstance(key_node, ScalarNode) and last[key_node.value] != index:
+                continue  # overridden by the mapping's own key or an earlier merge source
             if not isinstance(key_node, ScalarNode):
                 problems.append(
                     Problem(file, key_node.start_mark.line + 1, "mapping keys must be plain text",
@@ -152,6 +234,7 @@ def _to_data(
                         path=format_path(path + (key,)),
                     )
                 )
+            lines.setdefault(path + (key,), key_node.start_mark.line + 1)  # the key's line, not its value's
             out[key] = _to_data(value_node, path + (key,), lines, constructor, budget, file, problems)
         return out
     if isinstance(node, SequenceNode):
@@ -159,7 +242,17 @@ def _to_data(
             _to_data(item, path + (i,), lines, constructor, budget, file, problems)
             for i, item in enumerate(node.value)
         ]
-    value = constructor.construct_object(node, deep=False)
+    try:
+        value = constructor.construct_object(node, deep=False)
+    except (ValueError, KeyError, AttributeError, TypeError, OverflowError):
+        constructor.recursive_objects.pop(node, None)
+        what = str(node.tag).rsplit(":", 1)[-1]
+        problems.append(
+            Problem(file, node.start_mark.line + 1,
+                    f"{_short(node.value)} is not a valid {what}; quote it to use it as text",
+                    path=format_path(path) or None)
+        )
+        return node.value
     if isinstance(value, bytes | bytearray):
         return value.decode("utf-8", "replace")
     return value
@@ -190,6 +283,13 @@ def _friendly(err: dict[str, Any], data: Any) -> str:
     if kind.startswith("ip_v4"):
         what = {"ip_v4_network": "an IPv4 network in CIDR notation like 10.0.0.0/24",
                 "ip_v4_address": "an IPv4 address like 10.0.0.1"}.get(kind, "an IPv4 value")
+        if kind == "ip_v4_network" and isinstance(value, str):
+            try:
+                network = ipaddress.IPv4Network(value, strict=False)
+            except ValueError:
+                pass
+            else:
+                return f"{_short(value)} has host bits set; the network is {network}"
         return f"{_short(value)} is not {what}"
     msg = str(err["msg"])
     if msg.startswith("Value error, "):
@@ -239,15 +339,15 @@ def _resource_label(data: dict[str, Any]) -> str | None:
     meta = data.get("metadata")
     if not isinstance(kind, str) or not isinstance(meta, dict):
         return None
-    name = meta.get("name")
+    name = meta.get("name", "?")
     if kind == "Tenant":
         return f"Tenant {name}"
-    return f"{kind} {meta.get('tenant')}/{name}"
+    return f"{kind} {meta.get('tenant') or '?'}/{name}"
 
 
 def _key_guess(data: Any) -> Key | None:
     """The key a broken document was meant to have, when its kind and names say it."""
-    if not isinstance(data, dict) or data.get("kind") not in KINDS:
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str) or data["kind"] not in KINDS:
         return None
     meta = data.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
@@ -277,7 +377,7 @@ def _build(doc: _Document, file: str, problems: list[Problem]) -> Resource | Non
     if kind is None:
         problem(("kind",), f"kind is missing; one of {', '.join(KINDS)}", label)
         return None
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         problem(
             ("kind",),
             f"unknown kind {_short(kind)}{_suggest(str(kind), KINDS)}; one of {', '.join(KINDS)}",
@@ -285,9 +385,12 @@ def _build(doc: _Document, file: str, problems: list[Problem]) -> Resource | Non
         )
         return None
     try:
-        model = document_model(kind).model_validate(data)
+        # validate an omitted spec as an empty one, so its errors have the path spec.FIELD
+        model = document_model(kind).model_validate({"spec": {}, **data})
     except pydantic.ValidationError as exc:
         for err in exc.errors():
+            if tuple(err["loc"]) == ("apiVersion",):
+                continue  # reported above
             problem(tuple(err["loc"]), _friendly(err, data), label)
         return None
     if api != API_VERSION:
@@ -329,12 +432,13 @@ def load(paths: Iterable[str | os.PathLike[str]], *, check: bool = True) -> tupl
                 continue
             other = desired.resources.get(resource.key)
             if other is not None:
+                name_path = ("metadata", "name")
                 problems.append(
                     Problem(
                         str(file),
-                        resource.source.line,
+                        resource.line_of(name_path),
                         f"duplicate name: {resource.key.display} is also declared at "
-                        f"{other.source.file}:{other.source.line}",
+                        f"{other.source.file}:{other.line_of(name_path)}",
                         resource.key.display,
                         "metadata.name",
                     )
