@@ -40,6 +40,10 @@ def check_subnets(desired: Desired) -> Iterator[Problem]:
     """Gateways and DHCP ranges inside their subnet; subnets big enough to serve."""
     for res in desired.of_kind("Network"):
         spec: NetworkSpec = res.spec  # type: ignore[assignment]
+        if spec.vni is not None and spec.type != "vxlan":
+            yield problem(res, ("spec", "vni"), f"vni is only valid with type vxlan, not {spec.type}")
+        if spec.vlanId is not None and spec.type != "vlan":
+            yield problem(res, ("spec", "vlanId"), f"vlanId is only valid with type vlan, not {spec.type}")
         for i, subnet in enumerate(spec.subnets):
             base = ("spec", "subnets", i)
             net = subnet.cidr

@@ -386,7 +386,10 @@ def _build(doc: _Document, file: str, problems: list[Problem]) -> Resource | Non
         return None
     try:
         # validate an omitted spec as an empty one, so its errors have the path spec.FIELD
-        model = document_model(kind).model_validate({"spec": {}, **data})
+        payload = dict(data)
+        if payload.get("spec") is None:  # `spec:` left empty means all defaults
+            payload["spec"] = {}
+        model = document_model(kind).model_validate(payload)
     except pydantic.ValidationError as exc:
         for err in exc.errors():
             if tuple(err["loc"]) == ("apiVersion",):

@@ -150,8 +150,8 @@ SUBNET_CASES = [
         id="gateway-inside-dhcp-range",
     ),
     pytest.param(
-        _network("- cidr: 10.1.0.0/24", "  gateway: 10.1.0.254"),
-        7, "spec.subnets[0].gateway", ["gateway 10.1.0.254 is inside the DHCP range 10.1.0.10-10.1.0.254"],
+        _network("- cidr: 10.1.0.0/24", "  gateway: 10.1.0.100"),
+        7, "spec.subnets[0].gateway", ["gateway 10.1.0.100 is inside the DHCP range 10.1.0.10-10.1.0.254"],
         id="gateway-inside-default-dhcp-range",
     ),
     pytest.param(
@@ -177,6 +177,8 @@ def test_subnet_problem(write_manifests: Write, text: str, line: int, path: str,
     [
         pytest.param(["- cidr: 10.1.0.0/30"], id="smallest-subnet-30"),
         pytest.param(["- cidr: 10.1.0.0/24", "  gateway: 10.1.0.254", "  dhcp: {end: 10.1.0.200}"], id="gateway-after-range"),
+        pytest.param(["- cidr: 10.1.0.0/24", "  gateway: 10.1.0.254"], id="gateway-last-default-range-stops-before"),
+        pytest.param(["- cidr: 10.1.0.0/24", "  gateway: 10.1.0.10"], id="gateway-first-default-range-starts-after"),
         pytest.param(["- cidr: 10.1.0.0/24", "  gateway: 10.1.0.50", "  dhcp: {enabled: false}"], id="no-dhcp"),
         pytest.param(["- cidr: 10.1.0.0/24", "  dhcp: {start: 10.1.0.2, end: 10.1.0.254}"], id="widest-range"),
     ],
@@ -188,6 +190,21 @@ def test_valid_subnets_are_accepted(write_manifests: Write, subnet_lines: list[s
 
 
 # --- overlapping subnets, segment ids ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "type_, field, line",
+    [pytest.param("flat", "vni: 5000", 6, id="vni-on-flat"), pytest.param("vxlan", "vlanId: 42", 6, id="vlanid-on-vxlan")],
+)
+def test_segment_id_must_match_the_type(write_manifests: Write, type_: str, field: str, line: int) -> None:
+    name = field.split(":")[0]
+    text = (
+        "apiVersion: reconciler/v1\nkind: Network\nmetadata: {name: a, tenant: acme}\n"
+        f"spec:\n  type: {type_}\n  {field}\n"
+    )
+    cloud, problems, _ = load_cloud(write_manifests, text)
+    expect_one(problems, cloud, line, f"spec.{name}", [f"{name} is only valid with type", f"not {type_}"])
+
 
 def test_overlapping_subnets_across_two_networks_of_a_tenant(write_manifests: Write) -> None:
     text = _network("- cidr: 10.1.0.0/16", name="big") + "---\n" + _network(

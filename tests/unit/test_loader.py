@@ -1200,3 +1200,11 @@ def test_cli_validate_example_exits_0(example_manifests: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Valid: 23 resources." in result.stdout
     assert result.stderr == ""
+
+
+def test_an_empty_spec_means_all_defaults(write_manifests) -> None:
+    folder = write_manifests("apiVersion: reconciler/v1\nkind: Tenant\nmetadata: {name: acme}\nspec:\n")
+    desired, problems = load([folder])
+    assert problems == []
+    (tenant,) = desired
+    assert tenant.spec.quota.instances is None

@@ -280,6 +280,9 @@ def status(
         journal = controller.journal
         if sources is None:
             last = journal.last_source()
+            latest = journal.applies(limit=1)
+            if latest and latest[0]["command"] == "destroy":
+                last = None  # destroyed since: those manifests are no longer the desired state
             if last:
                 candidates = [Path(p) for p in last.split(",")]
                 if all(p.exists() for p in candidates):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Network
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from reconciler.models._base import Spec, Strict
 from reconciler.models._fields import UpdatePolicy, spec_field
@@ -14,10 +14,14 @@ from reconciler.models._fields import UpdatePolicy, spec_field
 class Dhcp(Strict):
     enabled: bool = spec_field(True, description="Serve DHCP on this subnet.")
     start: IPv4Address | None = spec_field(
-        None, description="First address handed out (default: gateway + 9)."
+        None,
+        description="First address handed out (default: network address + 10, or + 2 in a "
+        "/28 or smaller; never the gateway).",
     )
     end: IPv4Address | None = spec_field(
-        None, description="Last address handed out (default: last usable address)."
+        None,
+        description="Last address handed out (default: the last usable address, or the one "
+        "before it when that is the gateway).",
     )
 
 
@@ -79,14 +83,6 @@ class NetworkSpec(Spec):
         default_factory=list, description="IPv4 subnets on this network."
     )
 
-    @model_validator(mode="after")
-    def _segment_ids_match_type(self) -> "NetworkSpec":
-        if self.vni is not None and self.type != "vxlan":
-            raise ValueError(f"vni is only valid with type vxlan, not {self.type}")
-        if self.vlanId is not None and self.type != "vlan":
-            raise ValueError(f"vlanId is only valid with type vlan, not {self.type}")
-        return self
-
 
 def gateway_of(subnet: Subnet) -> IPv4Address:
     """The subnet's gateway: as written, else the first usable address."""
@@ -96,12 +92,20 @@ def gateway_of(subnet: Subnet) -> IPv4Address:
 
 
 def dhcp_range_of(subnet: Subnet) -> tuple[IPv4Address, IPv4Address]:
-    """The DHCP range: as written, else from network+10 (or the first free) to the last usable."""
+    """The DHCP range: as written, else network+10 (network+2 in a /28 or smaller) to the
+    last usable address, a default end or start never being the gateway."""
     net = subnet.cidr
-    last = net.broadcast_address - 1
-    default_start = net.network_address + 10 if net.num_addresses > 16 else gateway_of(subnet) + 1
-    start = subnet.dhcp.start or default_start
-    end = subnet.dhcp.end or last
+    gateway = gateway_of(subnet)
+    start = subnet.dhcp.start
+    if start is None:
+        start = net.network_address + (10 if net.num_addresses > 16 else 2)
+        if start == gateway:
+            start += 1
+    end = subnet.dhcp.end
+    if end is None:
+        end = net.broadcast_address - 1
+        if end == gateway:
+            end -= 1
     return start, end
 
 

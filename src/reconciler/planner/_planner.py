@@ -249,8 +249,8 @@ def _conflict_problem(res: Resource, unowned: Unowned) -> Problem:
     return Problem(
         res.source.file, res.line_of(("metadata", "name")),
         f"conflict: a {res.key.kind.lower()} host object named {unowned.host_name!r} exists without our "
-        f"ownership mark{detail}; it is left untouched. Remove or rename it on the host, or adopt "
-        "it with `reconciler import`",
+        f"ownership mark{detail}; it is left untouched. Remove or rename it on the host, or "
+        "rename the resource in the manifest",
         res.key.display, "metadata.name",
     )
 
