@@ -76,8 +76,15 @@ def load_host_config(explicit: str | os.PathLike[str] | None = None) -> HostConf
         return HostConfig()
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"host config {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"host config {path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        what = " ".join(str(m) for m in (exc.context, exc.problem) if m)
+        raise ConfigError(f"host config {path}:{line}: YAML syntax error: {what}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"host config {path}: not YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"host config {path}: must be a mapping of settings")
     try:

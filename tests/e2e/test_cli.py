@@ -366,10 +366,6 @@ def test_destroy_removes_all_but_retained_objects(applied: Path, state_dir: Path
     assert {r["state"] for r in rows} == {"orphaned"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "planner bug: with destroy=True, _removal plans `orphan` again for Retain volumes and "
-    "buckets that are already orphaned (its already-orphaned noop only applies when the "
-    "resource is not in the manifests), so a second destroy is never a no-op"))
 def test_destroy_twice_has_nothing_left_to_do(applied: Path, state_dir: Path) -> None:
     ok(cli("destroy", applied, "--yes"))
     before = snapshot(state_dir)
@@ -842,9 +838,6 @@ def test_a_host_config_with_invalid_settings_is_one_clear_error(cloud: Path, tmp
     assert str(bad) in message and "driverz" in message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hostconfig.load_host_config reports a YAML syntax error with str(yaml.MarkedYAMLError): "
-    "several lines naming '<unicode string>' instead of the file, with a source snippet and caret"))
 def test_a_host_config_that_is_not_yaml_is_one_clear_error(cloud: Path, tmp_path: Path) -> None:
     bad = tmp_path / "host.yaml"
     bad.write_text("stateDir: [unclosed\ndrivers: memory\n")

@@ -381,46 +381,6 @@ def _grow_only(a: list[Doc], b: list[Doc]) -> list[Doc]:
     return out
 
 
-def _keep_fixed_addresses(a: list[Doc], b: list[Doc]) -> list[Doc]:
-    """B where a NIC whose address A fixed keeps fixing one (on a free address of B's subnet).
-
-    Works around the known planner bug of the two xfail tests below
-    (test_an_address_released_by_one_instance_can_be_fixed_by_another,
-    test_an_address_outside_the_new_subnet_is_not_kept): an address A fixed and B no
-    longer fixes stays on the host even where it no longer fits.
-    """
-    fixed_in_a = {(key_of(d), i, nic["network"]): nic["ip"] for d in a if d["kind"] == "Instance"
-                  for i, nic in enumerate(d["spec"].get("networks", [])) if "ip" in nic}
-    subnets = {key_of(d): [ipaddress.IPv4Network(s["cidr"]) for s in (d.get("spec") or {}).get("subnets", [])]
-               for d in b if d["kind"] == "Network"}
-    taken: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for d in b:
-        if d["kind"] == "Instance":
-            for nic in d["spec"].get("networks", []):
-                if "ip" in nic:
-                    taken[(d["metadata"]["tenant"], nic["network"])].add(nic["ip"])
-    out = []
-    for d in b:
-        if d["kind"] == "Instance":
-            tenant = d["metadata"]["tenant"]
-            nics = []
-            for nic in d["spec"].get("networks", []):
-                if "ip" not in nic and (key_of(d), len(nics), nic["network"]) in fixed_in_a:
-                    cidrs = subnets[("Network", tenant, nic["network"])]
-                    if not cidrs:
-                        continue  # drop the NIC: no address fits a network without subnets
-                    used = taken[(tenant, nic["network"])]
-                    free = next(str(cidrs[0].network_address + h) for h in range(3, 10)
-                                if str(cidrs[0].network_address + h) not in used)
-                    used.add(free)
-                    nic = {**nic, "ip": free}
-                nics.append(nic)
-            if "networks" in d["spec"]:
-                d = {**d, "spec": {**d["spec"], "networks": nics}}
-        out.append(d)
-    return out
-
-
 def switch(controller: Controller, folder: Path, old: list[Doc], new: list[Doc],
            orphans: set[Key3]) -> set[Key3]:
     """Apply `new` on a host that holds `old` (and the `orphans` retained before); check that
@@ -466,8 +426,8 @@ def switch(controller: Controller, folder: Path, old: list[Doc], new: list[Doc],
 @SETTINGS
 @given(a=clouds(), b=clouds())
 def test_switching_to_another_cloud_and_back_converges(a: list[Doc], b: list[Doc]) -> None:
-    b = _keep_fixed_addresses(a, _grow_only(a, b))
-    back = _keep_fixed_addresses(b, _grow_only(b, a))  # A again, volumes as grown by B
+    b = _grow_only(a, b)
+    back = _grow_only(b, a)  # A again, volumes as grown by B
     with tempfile.TemporaryDirectory(prefix="converge-") as name:
         tmp = Path(name)
         note("A:\n" + yaml.safe_dump_all(a, sort_keys=False))
@@ -479,7 +439,7 @@ def test_switching_to_another_cloud_and_back_converges(a: list[Doc], b: list[Doc
         assert switch(controller, tmp / "back", b, back, orphans) == retained_by(b, keys_of(b) - keys_of(back))
 
 
-# --- cases the properties found (xfail: planner bugs not fixed yet) -------------------------
+# --- cases the properties found (regressions of planner bugs fixed since) -----------------
 
 
 def _converge(tmp: Path, *clouds_: list[Doc]) -> Controller:
@@ -538,9 +498,6 @@ def test_an_address_no_longer_fixed_is_kept_on_the_same_network(tmp_path: Path) 
     assert owned(controller)[("Instance", "t", "i")][0].spec["networks"][0]["ip"] == "10.0.1.5"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "planner bug: an instance that no longer fixes its address keeps it (hostDefault), "
-    "while another instance now fixes the same address: two instances get 10.0.1.5"))
 def test_an_address_released_by_one_instance_can_be_fixed_by_another(tmp_path: Path) -> None:
     a = _BASE + [_instance("i", {"network": "n1", "ip": "10.0.1.5"})]
     b = _BASE + [_instance("i", {"network": "n1"}), _instance("j", {"network": "n1", "ip": "10.0.1.5"})]
@@ -548,10 +505,6 @@ def test_an_address_released_by_one_instance_can_be_fixed_by_another(tmp_path: P
     check_host_is_sound(owned(controller))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "planner bug: when a network's subnet changes (replacement) and an instance on it stops "
-    "fixing its address, the instance keeps the old address (hostDefault), outside every "
-    "subnet of its network"))
 def test_an_address_outside_the_new_subnet_is_not_kept(tmp_path: Path) -> None:
     a = _BASE + [_instance("i", {"network": "n1", "ip": "10.0.1.5"})]
     moved = document("Network", "n1", "t", {"subnets": [{"cidr": "10.0.3.0/24"}]})
@@ -560,10 +513,6 @@ def test_an_address_outside_the_new_subnet_is_not_kept(tmp_path: Path) -> None:
     check_host_is_sound(owned(controller))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "planner bug: a manifest edit with no effect on the host (here: no longer writing the "
-    "default powerState: running) is a noop that leaves the old mark, so later drift of that "
-    "field is reported as a manifest change (cause 'manifest', status 'pending' not 'drifted')"))
 def test_drift_after_a_no_op_manifest_edit_is_still_drift(tmp_path: Path) -> None:
     base = [document("Tenant", "t", None, {}), document("Image", "img", "t", {"source": "/images/tiny.qcow2"})]
     a = base + [document("Instance", "i", "t", {"image": "img", "powerState": "running"})]

@@ -443,8 +443,6 @@ CASES: list[dict[str, Any]] = [
         "gone": [NET, IMAGE, GROUP, VM, ROUTER],
         "mark": {TENANT: {"orphaned": True}, VOLUME: {"orphaned": True}, BUCKET: {"orphaned": True}},
         "expect": {},
-        "xfail": "_removal with destroy=True re-plans `orphan` for objects already orphaned "
-        "(its `res is None` condition), so a second destroy is never a no-op",
     },
     # conflicts
     {

@@ -38,6 +38,7 @@ class FieldMeta:
     merge_keys: bool
     nested: type[BaseModel] | None
     is_list: bool
+    default: Any  # JSON-able default, what a field the manifest does not write means
 
 
 @functools.cache
@@ -55,8 +56,18 @@ def field_table(model: type[BaseModel]) -> dict[str, FieldMeta]:
             merge_keys=bool(extra.get(X_MERGE_KEYS, False)),
             nested=nested,
             is_list=is_list,
+            default=_json_default(info),
         )
     return table
+
+
+def _json_default(info: Any) -> Any:
+    if info.is_required():
+        return None
+    value = info.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return value
 
 
 def _nested(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
@@ -175,20 +186,29 @@ def diff(
         if meta.shrink and isinstance(new, int | float) and isinstance(old, int | float) and new < old:
             if meta.shrink == "replace":
                 policy = UpdatePolicy.REPLACE
-        cause = _cause(sub_set, sub_applied, known)
+        cause = _cause(sub_set, sub_applied, known, meta.default)
         out.append(FieldDiff(path, old, new, policy, cause, meta.sensitive))
     return out
 
 
-def _cause(now: Any, before: Any, known: bool) -> str:
-    """"drift" when the manifest says what was last applied (so the host moved)."""
+def _cause(now: Any, before: Any, known: bool, default: Any = None) -> str:
+    """"drift" when the manifest means what it meant when last applied (so the host moved).
+
+    A field not written means its default, so writing the default explicitly, or no
+    longer writing it, is no change of intent.
+    """
+    now = default if now is _ABSENT else now
+    before = default if before is _ABSENT else before
     return "drift" if known and now == before else "manifest"
+
+
+_ABSENT = object()  # a field the manifest (or the mark) does not write
 
 
 def _get(mapping: Any, name: str) -> Any:
     if isinstance(mapping, Mapping):
-        return mapping.get(name)
-    return None
+        return mapping.get(name, _ABSENT)
+    return _ABSENT
 
 
 def _index(seq: Any, i: int) -> Any:

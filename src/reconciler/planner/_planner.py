@@ -21,6 +21,7 @@ last applied.
 from __future__ import annotations
 
 from collections import defaultdict
+from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, Mapping
 
 import networkx as nx
@@ -53,6 +54,7 @@ def plan(
     errors: list[Problem] = []
     changes: dict[Key, Change] = {}
     allocator = _Allocator(desired, observation.owned)
+    addresses = _Addresses(desired)
 
     for key in sorted(desired.resources):
         res = desired.resources[key]
@@ -67,7 +69,7 @@ def plan(
                 continue
             changes[key] = _create(res, allocator)
         else:
-            change = _update(res, found, graph, errors, allocator)
+            change = _update(res, found, graph, errors, allocator, addresses)
             changes[key] = change
 
     if not destroy:
@@ -113,7 +115,7 @@ def _create(res: Resource, allocator: "_Allocator") -> Change:
 
 
 def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: list[Problem],
-            allocator: "_Allocator") -> Change:
+            allocator: "_Allocator", addresses: "_Addresses") -> Change:
     model = KINDS[res.key.kind]
     primary = found[0]
     applied = primary.mark.applied
@@ -121,6 +123,8 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
         target = dict(res.spec_full)
     else:
         target = merge(model, res.spec_full, res.spec_set, applied, primary.spec)
+        if res.key.kind == "Instance":
+            target = addresses.release_stale(res, target)
     diffs = [] if target == dict(primary.spec) else diff(model, target, primary.spec, res.spec_set, applied)
     if res.key.kind == "Network" and target.get("type") != primary.spec.get("type"):
         target = allocator.retype(res, target)  # replaced: the old type's host ids do not carry over
@@ -213,7 +217,7 @@ def _removal(key: Key, found: list[Observed], policy: object, why: str, res: Res
     stateful = KINDS[key.kind].stateful if key.kind in KINDS else False
     source = f"{res.source.file}:{res.source.line}" if res else None
     if stateful and policy != "Delete":
-        if all(o.mark.orphaned for o in found) and res is None:
+        if all(o.mark.orphaned for o in found):
             return Change(key=key, action=Action.NOOP, reason="orphaned: retained with its data",
                           observed=tuple(found), source=source)
         return Change(key=key, action=Action.ORPHAN,
@@ -253,6 +257,48 @@ def _conflict_problem(res: Resource, unowned: Unowned) -> Problem:
         "rename the resource in the manifest",
         res.key.display, "metadata.name",
     )
+
+
+class _Addresses:
+    """Fixed addresses of the manifests, to release host-kept ones that no longer fit.
+
+    A NIC whose manifest does not fix its address keeps the host's (a host default). That
+    address is released (the network driver allocates a new one) when it is outside every
+    subnet of the NIC's network now, or when another instance now fixes it.
+    """
+
+    def __init__(self, desired: Desired):
+        self.subnets: dict[tuple[str, str], list[IPv4Network]] = {}
+        for res in desired.of_kind("Network"):
+            self.subnets[(res.key.tenant, res.key.name)] = [s.cidr for s in res.spec.subnets]  # type: ignore[attr-defined]
+        self.fixed: dict[tuple[str, str, str], Key] = {}
+        for res in desired.of_kind("Instance"):
+            for nic in res.spec_set.get("networks", ()):
+                if nic.get("ip"):
+                    self.fixed.setdefault((res.key.tenant, nic["network"], nic["ip"]), res.key)
+
+    def release_stale(self, res: Resource, target: dict) -> dict:
+        nics = target.get("networks")
+        if not isinstance(nics, list):
+            return target
+        written = res.spec_set.get("networks", [])
+        out = []
+        for i, nic in enumerate(nics):
+            ip = nic.get("ip") if isinstance(nic, dict) else None
+            if ip and not (i < len(written) and written[i].get("ip")):
+                net = (res.key.tenant, nic.get("network", ""))
+                owner = self.fixed.get(net + (ip,))
+                if (owner is not None and owner != res.key) or not self._inside(net, ip):
+                    nic = {**nic, "ip": None}
+            out.append(nic)
+        return {**target, "networks": out}
+
+    def _inside(self, net: tuple[str, str], ip: str) -> bool:
+        try:
+            address = IPv4Address(ip)
+        except ValueError:
+            return False
+        return any(address in cidr for cidr in self.subnets.get(net, ()))
 
 
 class _Allocator:
