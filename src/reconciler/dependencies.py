@@ -64,8 +64,12 @@ def build_graph(desired: Desired) -> nx.DiGraph:
     """The resource graph of the desired state (nodes are Keys, edges carry `rule`).
 
     Dependencies that are not declared still get a node (attribute `missing=True`), so
-    checks can report them and cycles through them are still found.
+    checks can report them and cycles through them are still found. Built once per
+    Desired (kept in `desired.derived`); treat it as read-only.
     """
+    cached = desired.derived.get("graph")
+    if cached is not None and cached[0] == len(desired):
+        return cached[1]
     graph = nx.DiGraph()
     for res in desired:
         graph.add_node(res.key)
@@ -74,4 +78,5 @@ def build_graph(desired: Desired) -> nx.DiGraph:
             if dep not in graph:
                 graph.add_node(dep, missing=True)
             graph.add_edge(dep, res.key, rule=rule)
+    desired.derived["graph"] = (len(desired), graph)
     return graph

@@ -16,36 +16,21 @@ from typing import Any, Iterable
 
 import pydantic
 import yaml
-from yaml.constructor import ConstructorError, SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from reconciler import API_VERSION
+from reconciler._yamldocs import Document, Path_, TooDeep, TooLarge, read_documents
 from reconciler.errors import Problem, format_path
 from reconciler.models import KINDS, Desired, Key, Resource, Source, document_model
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
 MAX_NODES_PER_FILE = 500_000  # bounds alias expansion ("billion laughs") and huge input
-MAX_DEPTH = 100  # nesting levels; libyaml's composer recurses in C and would overflow the stack
+MAX_DEPTH = 100  # nesting levels (deeper is refused, not parsed)
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 
 _ComposeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-Path_ = tuple[str | int, ...]
 
-
-class _TooLarge(Exception):
-    pass
-
-
-class _Document:
-    """One YAML document as plain data, with the line of every path in it."""
-
-    __slots__ = ("data", "lines", "line")
-
-    def __init__(self, data: Any, lines: dict[Path_, int], line: int):
-        self.data = data
-        self.lines = lines
-        self.line = line
+_Document = Document
 
 
 def find_manifest_files(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[Problem]]:
@@ -88,17 +73,13 @@ def _parse_file(file: Path, problems: list[Problem]) -> list[_Document]:
     except UnicodeDecodeError as exc:
         problems.append(Problem(name, raw[: exc.start].count(b"\n") + 1, "not UTF-8 text"))
         return []
+
+    def sink(line: int, message: str, path: Path_) -> None:
+        problems.append(Problem(name, line, message, path=format_path(path) or None))
+
     docs: list[_Document] = []
-    constructor = SafeConstructor()
-    budget = [MAX_NODES_PER_FILE]
     try:
-        _check_depth(text)
-        for node in yaml.compose_all(text, Loader=_ComposeLoader):
-            if node is None or _is_empty_document(node):
-                continue
-            lines: dict[Path_, int] = {}
-            data = _to_data(node, (), lines, constructor, budget, name, problems)
-            docs.append(_Document(data, lines, node.start_mark.line + 1))
+        read_documents(text, sink, budget=MAX_NODES_PER_FILE, max_depth=MAX_DEPTH, into=docs)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
@@ -110,7 +91,7 @@ def _parse_file(file: Path, problems: list[Problem]) -> list[_Document]:
         problems.append(Problem(name, line, f"YAML error: {str(exc).splitlines()[0]}"))
     except yaml.YAMLError as exc:
         problems.append(Problem(name, 1, f"YAML error: {exc}"))
-    except _TooLarge:
+    except TooLarge:
         problems.append(
             Problem(
                 name,
@@ -120,7 +101,7 @@ def _parse_file(file: Path, problems: list[Problem]) -> list[_Document]:
             )
         )
         return []
-    except _TooDeep as exc:
+    except TooDeep as exc:
         problems.append(
             Problem(name, exc.line, f"YAML nesting is deeper than {MAX_DEPTH} levels; refusing to load")
         )
@@ -129,133 +110,6 @@ def _parse_file(file: Path, problems: list[Problem]) -> list[_Document]:
         problems.append(Problem(name, 1, "YAML nesting is too deep"))
         return []
     return docs
-
-
-class _TooDeep(Exception):
-    def __init__(self, line: int):
-        self.line = line
-
-
-def _check_depth(text: str) -> None:
-    """Raise _TooDeep before composing a document nested deeper than MAX_DEPTH.
-
-    Parsing events is iterative (no recursion), so this is safe on any input. A syntax
-    error stops the scan: composing stops at the same place and reports it.
-    """
-    depth = 0
-    events = yaml.parse(text, Loader=_ComposeLoader)
-    while True:
-        try:
-            event = next(events)
-        except (StopIteration, yaml.YAMLError):
-            return
-        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise _TooDeep(event.start_mark.line + 1)
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            depth -= 1
-
-
-def _is_empty_document(node: Node) -> bool:
-    """An empty document (a comment only, or nothing between two `---`): skipped."""
-    return isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:null" and node.value == ""
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-_Pairs = list[tuple[Node, Node]]
-
-
-def _merge_keys(node: MappingNode, budget: list[int]) -> tuple[_Pairs, _Pairs]:
-    """(pairs merged in by YAML merge keys `<<`, the mapping's own pairs).
-
-    Like SafeConstructor.flatten_mapping but leaves the node unchanged (an aliased mapping
-    is read again the same way) and charges the budget, since nested merges of aliases
-    grow exponentially.
-    """
-    merged: _Pairs = []
-    own: _Pairs = []
-    for key_node, value_node in node.value:
-        if key_node.tag != _MERGE_TAG:
-            own.append((key_node, value_node))
-            continue
-        sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
-        for source in reversed(sources):
-            if not isinstance(source, MappingNode):
-                raise ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"expected a mapping or list of mappings for merging, but found {source.id}",
-                    source.start_mark,
-                )
-            sub_merged, sub_own = _merge_keys(source, budget)
-            budget[0] -= 1 + len(sub_merged) + len(sub_own)
-            if budget[0] < 0:
-                raise _TooLarge
-            merged += sub_merged + sub_own
-    return merged, own
-
-
-def _to_data(
-    node: Node,
-    path: Path_,
-    lines: dict[Path_, int],
-    constructor: SafeConstructor,
-    budget: list[int],
-    file: str,
-    problems: list[Problem],
-) -> Any:
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise _TooLarge
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, MappingNode):
-        merged, own = _merge_keys(node, budget)  # YAML merge keys (<<)
-        pairs = merged + own
-        last = {k.value: i for i, (k, _) in enumerate(pairs) if isinstance(k, ScalarNode)}
-        out: dict[str, Any] = {}
-        for index, (key_node, value_node) in enumerate(pairs):
-            if index < len(merged) and isinstance(key_node, ScalarNode) and last[key_node.value] != index:
-                continue  # overridden by the mapping's own key or an earlier merge source
-            if not isinstance(key_node, ScalarNode):
-                problems.append(
-                    Problem(file, key_node.start_mark.line + 1, "mapping keys must be plain text",
-                            path=format_path(path) or None)
-                )
-                continue
-            key = key_node.value
-            if key in out:
-                problems.append(
-                    Problem(
-                        file,
-                        key_node.start_mark.line + 1,
-                        f"duplicate key {key!r} (also on line {lines.get(path + (key,), '?')})",
-                        path=format_path(path + (key,)),
-                    )
-                )
-            lines.setdefault(path + (key,), key_node.start_mark.line + 1)  # the key's line, not its value's
-            out[key] = _to_data(value_node, path + (key,), lines, constructor, budget, file, problems)
-        return out
-    if isinstance(node, SequenceNode):
-        return [
-            _to_data(item, path + (i,), lines, constructor, budget, file, problems)
-            for i, item in enumerate(node.value)
-        ]
-    try:
-        value = constructor.construct_object(node, deep=False)
-    except (ValueError, KeyError, AttributeError, TypeError, OverflowError):
-        constructor.recursive_objects.pop(node, None)
-        what = str(node.tag).rsplit(":", 1)[-1]
-        problems.append(
-            Problem(file, node.start_mark.line + 1,
-                    f"{_short(node.value)} is not a valid {what}; quote it to use it as text",
-                    path=format_path(path) or None)
-        )
-        return node.value
-    if isinstance(value, bytes | bytearray):
-        return value.decode("utf-8", "replace")
-    return value
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:

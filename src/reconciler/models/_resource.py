@@ -14,8 +14,12 @@ from reconciler import API_VERSION
 from reconciler.models._base import Key, Metadata, Source, Spec
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Sorted keys, no spaces: equal values give equal text (for hashes and fingerprints)."""
+    return _CANONICAL.encode(value)
 
 
 def spec_hash(spec_set: Mapping[str, Any]) -> str:
@@ -76,6 +80,9 @@ class Desired:
     resources: dict[Key, Resource] = field(default_factory=dict)
     #: keys of documents that were identified but failed validation (errors reported)
     unloaded: set[Key] = field(default_factory=set)
+    #: data derived from this (read-only once loaded) state, by whoever derives it,
+    #: e.g. the dependency graph, so it is built once per load
+    derived: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __iter__(self) -> Iterator[Resource]:
         return iter(self.resources.values())
