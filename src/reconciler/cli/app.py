@@ -317,10 +317,14 @@ def version() -> None:
     out.print(f"reconciler {__version__}")
 
 
-def main() -> None:
-    # Loading and planning allocate many small long-lived objects; the default GC
-    # thresholds spend a third of a large plan in collections that free nothing.
+def tune_gc() -> None:
+    """Loading and planning allocate many small long-lived objects; the default GC
+    thresholds spend a third of a large plan in collections that free nothing."""
     gc.set_threshold(100_000, 50, 100)
+
+
+def main() -> None:
+    tune_gc()
     app()
 
 
