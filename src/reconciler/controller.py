@@ -8,10 +8,12 @@ executor.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
 import networkx as nx
+import structlog
 
 from reconciler.dependencies import build_graph
 from reconciler.drivers.base import Driver
@@ -25,6 +27,8 @@ from reconciler.lock import HostLock
 from reconciler.models import Desired, Key
 from reconciler.planner import Action, Change, Plan, plan
 from reconciler.state import Observation, Unowned
+
+log = structlog.get_logger("reconciler.controller")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +101,27 @@ class Controller:
         return found
 
     def plan(self, desired: Desired, *, destroy: bool = False) -> Plan:
+        started = time.perf_counter()
         observation = self.observe()
-        return plan(
+        observed_s = time.perf_counter() - started
+        the_plan = plan(
             desired,
             observation,
             self.graph(desired),
             conflicts=self.conflicts(desired, observation),
             destroy=destroy,
         )
+        log.info(
+            "planned",
+            resources=len(desired),
+            owned=len(observation.owned),
+            unowned=len(observation.unowned),
+            observe_s=round(observed_s, 4),
+            plan_s=round(time.perf_counter() - started - observed_s, 4),
+            errors=len(the_plan.errors),
+            **{a.value: n for a, n in the_plan.counts().items()},
+        )
+        return the_plan
 
     def apply(
         self,
@@ -122,6 +139,8 @@ class Controller:
 
         def done(outcome: Outcome) -> None:
             c = outcome.change
+            log.info("change", change=c.id, action=c.action.value, outcome=outcome.status,
+                     error=outcome.error, duration_s=round(outcome.duration_s, 4))
             journal.record_change(apply_id, c.key.kind, c.key.tenant, c.key.name, c.action.value,
                                   outcome.status, outcome.error, outcome.duration_s)
             if on_done:
@@ -143,6 +162,8 @@ class Controller:
             "skipped": sum(1 for o in result.outcomes if o.status == "skipped"),
         }
         journal.finish(apply_id, "ok" if result.ok else "failed", result.duration_s, counts)
+        log.info("applied", command=command, apply_id=apply_id, ok=result.ok,
+                 duration_s=round(result.duration_s, 4), **counts)
         return result
 
     def lock(self, what: str = "apply", timeout_s: float | None = None) -> HostLock:
@@ -157,13 +178,10 @@ class Controller:
         last = self.journal.last_changes()
         rows: list[StatusRow] = []
         planned: dict[Key, Change] = {}
+        conflict_keys = self.conflicts(desired, observation) if desired is not None else {}
         if desired is not None:
-            the_plan = plan(desired, observation, self.graph(desired),
-                            conflicts=self.conflicts(desired, observation))
+            the_plan = plan(desired, observation, self.graph(desired), conflicts=conflict_keys)
             planned = {c.key: c for c in the_plan}
-            conflict_keys = self.conflicts(desired, observation)
-        else:
-            conflict_keys = {}
         hosts: dict[Key, Mapping[str, str]] = {}
         orphaned: set[Key] = set()
         for obs in observation.owned:
