@@ -171,13 +171,31 @@ def _is_plan_file(paths: list[Path]) -> bool:
 
 
 def _apply_plan(controller: Controller, the_plan: Plan, parallelism: int, command: str, source: str | None) -> int:
-    progress = out.is_terminal or len(the_plan.actionable) > 0
+    # progress: one line per change as it finishes (failures and skips say why)
     result = controller.apply(
         the_plan, parallelism=parallelism, command=command, source=source,
-        on_done=(lambda o: render_outcome(out, o)) if progress else None,
+        on_done=lambda o: render_outcome(out, o),
     )
     render_result(out, result)
     return 0 if result.ok else 1
+
+
+def _plan_and_apply(controller: Controller, paths: list[Path], *, destroy: bool, yes: bool,
+                    parallelism: int, lock_timeout: float | None) -> int:
+    """Under the host lock: plan, show it, ask, apply. Exit code."""
+    command = "destroy" if destroy else "apply"
+    desired = controller.load(paths)
+    with controller.lock(command, lock_timeout):
+        the_plan = controller.plan(desired, destroy=destroy)
+        render_plan(out, the_plan)
+        if the_plan.errors:
+            return 1
+        if not the_plan.has_changes:
+            return 0
+        if not _confirm("\nDestroy these resources?" if destroy else "\nApply these changes?", yes):
+            return 1
+        source = None if destroy else ",".join(str(p.resolve()) for p in paths)
+        return _apply_plan(controller, the_plan, parallelism, command, source)
 
 
 @app.command()
@@ -201,18 +219,8 @@ def apply(
                     out.print("No changes in this plan.")
                     return 0
                 return _apply_plan(controller, the_plan, parallelism, "apply", None)
-        desired = controller.load(paths)
-        with controller.lock("apply", lock_timeout):
-            the_plan = controller.plan(desired)
-            render_plan(out, the_plan)
-            if the_plan.errors:
-                return 1
-            if not the_plan.has_changes:
-                return 0
-            if not _confirm("\nApply these changes?", yes):
-                return 1
-            source = ",".join(str(p.resolve()) for p in paths)
-            return _apply_plan(controller, the_plan, parallelism, "apply", source)
+        return _plan_and_apply(controller, paths, destroy=False, yes=yes, parallelism=parallelism,
+                               lock_timeout=lock_timeout)
 
     _run(body)
 
@@ -229,16 +237,8 @@ def destroy(
     _host_config(host_config)
 
     def body() -> int:
-        controller = state.controller()
-        desired = controller.load(paths)
-        with controller.lock("destroy", lock_timeout):
-            the_plan = controller.plan(desired, destroy=True)
-            render_plan(out, the_plan)
-            if not the_plan.has_changes:
-                return 0
-            if not _confirm("\nDestroy these resources?", yes):
-                return 1
-            return _apply_plan(controller, the_plan, parallelism, "destroy", None)
+        return _plan_and_apply(state.controller(), paths, destroy=True, yes=yes,
+                               parallelism=parallelism, lock_timeout=lock_timeout)
 
     _run(body)
 
