@@ -867,3 +867,19 @@ def test_real_drivers_are_one_clear_error(cloud: Path, tmp_path: Path, command: 
     assert "not available in this version" in message
     assert "drivers: memory" in message
     assert not (state / "memory").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["validate", "{cloud}"], ["plan", "{cloud}"], ["apply", "{cloud}", "--yes"], ["destroy", "{cloud}", "--yes"],
+    ["graph", "{cloud}"], ["status"], ["schema", "--out", "{tmp}/schemas"], ["version"],
+])
+def test_every_command_accepts_host_config(command: list[str], cloud: Path, tmp_path: Path) -> None:
+    state = tmp_path / "own-state"
+    config = tmp_path / "own-host.yaml"
+    config.write_text(f"stateDir: {state}\ndrivers: memory\n")
+    env = {k: v for k, v in os.environ.items() if k != "RECONCILER_HOST_CONFIG"}
+    args = [a.format(cloud=cloud, tmp=tmp_path) for a in command]
+    ok(cli(*args, "--host-config", config, env=env))
+    if command[0] == "apply":
+        # it used the state directory of that config, not the default
+        assert len(list((state / "memory").rglob("*.json"))) > 0

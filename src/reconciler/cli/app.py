@@ -103,8 +103,12 @@ def _confirm(prompt: str, yes: bool) -> bool:
 
 
 @app.command()
-def validate(paths: list[Path] = typer.Argument(..., help="Manifest files or folders.")) -> None:
+def validate(
+    paths: list[Path] = typer.Argument(..., help="Manifest files or folders."),
+    host_config: Optional[str] = HostConfigOpt,
+) -> None:
     """Check manifests (schema, references, addresses, quotas, cycles) without touching the host."""
+    _host_config(host_config)  # accepted everywhere; validation needs no host
 
     def body() -> int:
         desired, problems = load(paths)
@@ -252,8 +256,10 @@ class GraphFormat(str, Enum):
 def graph(
     paths: list[Path] = typer.Argument(..., help="Manifest files or folders."),
     fmt: GraphFormat = typer.Option(GraphFormat.dot, "--format", help="dot (Graphviz) or mermaid."),
+    host_config: Optional[str] = HostConfigOpt,
 ) -> None:
     """Print the dependency graph of the manifests (edges: dependency -> dependent)."""
+    _host_config(host_config)
 
     def body() -> int:
         desired = Controller.load(paths)
@@ -300,8 +306,12 @@ def status(
 
 
 @app.command()
-def schema(out_dir: Path = typer.Option(Path("schemas"), "--out", help="Folder to write the JSON Schemas to.")) -> None:
+def schema(
+    out_dir: Path = typer.Option(Path("schemas"), "--out", help="Folder to write the JSON Schemas to."),
+    host_config: Optional[str] = HostConfigOpt,
+) -> None:
     """Write the JSON Schema of every kind (generated from the models)."""
+    _host_config(host_config)
 
     def body() -> int:
         for path in write_schemas(out_dir):
@@ -312,8 +322,9 @@ def schema(out_dir: Path = typer.Option(Path("schemas"), "--out", help="Folder t
 
 
 @app.command()
-def version() -> None:
+def version(host_config: Optional[str] = HostConfigOpt) -> None:
     """Print the version."""
+    _host_config(host_config)
     out.print(f"reconciler {__version__}")
 
 
