@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import networkx as nx
 import structlog
@@ -221,9 +221,3 @@ def _state(key: Key, change: Change | None, present: bool, orphaned: bool, confl
 
 def _n(result: ApplyResult, action: Action) -> int:
     return sum(1 for o in result.outcomes if o.change.action is action and o.status == "applied")
-
-
-def desired_or_none(paths: Iterable[str] | None) -> Desired | None:
-    if not paths:
-        return None
-    return Controller.load(list(paths))

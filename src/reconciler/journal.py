@@ -11,7 +11,7 @@ import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS applies (
@@ -125,6 +125,3 @@ class Journal:
             )
             for r in rows
         }
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.applies(limit=1000))

@@ -36,13 +36,6 @@ class Disruption(str, enum.Enum):
     DESTROY = "destroy"  # removed
 
 
-_DISRUPTION_RANK = {Disruption.NONE: 0, Disruption.RESTART: 1, Disruption.REPLACE: 2, Disruption.DESTROY: 3}
-
-
-def worst(a: Disruption, b: Disruption) -> Disruption:
-    return a if _DISRUPTION_RANK[a] >= _DISRUPTION_RANK[b] else b
-
-
 @dataclass(frozen=True, slots=True)
 class Change:
     """One resource's change: what, why, and how disruptive."""
