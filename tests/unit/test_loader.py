@@ -1141,7 +1141,7 @@ def _check_rejected(root: Path, code: int, stdout: str, stderr: str, state_dir: 
     lines = stderr.splitlines()
     expected = _broken_error_lines(root)
     found = [next((i for i, line in enumerate(lines) if line.startswith(want)), None) for want in expected]
-    assert None not in found, f"missing some of:\n" + "\n".join(expected) + f"\n--- stderr\n{stderr}"
+    assert None not in found, "missing some of:\n" + "\n".join(expected) + f"\n--- stderr\n{stderr}"
     assert found == sorted(found)  # in file and line order
     assert "5 error(s); nothing was changed." in stderr
     assert _memory_files(state_dir) == []

@@ -22,7 +22,7 @@ from reconciler.cli.render import (
     render_status,
 )
 from reconciler.controller import Controller
-from reconciler.errors import ReconcilerError, StalePlan, ValidationFailed
+from reconciler.errors import ReconcilerError, ValidationFailed
 from reconciler.graph import to_dot, to_mermaid
 from reconciler.hostconfig import load_host_config
 from reconciler.loader import load
