@@ -75,16 +75,24 @@ def observe_all(drivers: Iterable[Driver]) -> Observation:
     return result
 
 
-def check_fresh(plan: Plan, observation: Observation) -> None:
-    """Raise StalePlan when a host object a change touches differs from plan time."""
+def check_fresh(plan: Plan, observation: Observation, drivers: Mapping[str, Driver] | None = None) -> None:
+    """Raise StalePlan when a host object a change touches differs from plan time, or
+    (given the drivers) an object without our mark now has the name a create needs."""
     now: dict[Key, dict[str, str]] = defaultdict(dict)
     for obs in observation.owned:
         now[obs.key][obs.identity] = obs.fingerprint()
+    unowned = {(u.kind, u.host_name) for u in observation.unowned}
     stale = []
     for change in plan.actionable:
         then = {o.identity: o.fingerprint() for o in change.observed}
         if now.get(change.key, {}) != then:
             stale.append(change.key.display)
+        elif (
+            change.action is Action.CREATE
+            and drivers is not None
+            and (change.key.kind, drivers[change.key.kind].host_name(change.key)) in unowned
+        ):
+            stale.append(f"{change.key.display} (an object without our mark has its name)")
     if stale:
         listed = ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else "")
         raise StalePlan(
@@ -126,7 +134,7 @@ class Executor:
         changes = plan.actionable
         involved = drivers_for(changes, self.drivers)
         if check and changes:
-            check_fresh(plan, observe_all(involved))
+            check_fresh(plan, observe_all(involved), self.drivers)
         outcomes = self._run(changes, plan.edges)
         if changes:
             self._verify(outcomes, observe_all(involved))

@@ -601,6 +601,27 @@ def test_stale_plan_object_appeared_for_a_create(
     assert host_keys(drivers) == {"Tenant/acme/acme"}
 
 
+def test_stale_plan_unmarked_object_appeared_for_a_create(
+    example: Desired, state_dir: Path, drivers: dict[str, FaultyDriver], recorder: Recorder,
+    memory_driver: MemoryDriver,
+) -> None:
+    the_plan = saved(plan_for(example, drivers))
+    key = Key("Network", "acme", "web")
+    assert next(c for c in the_plan.actionable if c.key == key).action is Action.CREATE
+    # someone creates, by hand, an object with the name the create needs (no mark)
+    folder = state_dir / "memory" / "Network"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{memory_driver.host_name(key)}.json").write_text(json.dumps({"spec": {"mtu": 1500}}))
+    before = snapshot(state_dir / "memory")
+
+    with pytest.raises(StalePlan) as exc:
+        Executor(drivers, sleep=no_sleep).apply(the_plan)
+
+    assert "Network acme/web (an object without our mark has its name)" in str(exc.value)
+    assert recorder.events == []
+    assert snapshot(state_dir / "memory") == before
+
+
 def test_fresh_saved_plan_applies(example: Desired, drivers: dict[str, FaultyDriver]) -> None:
     result = Executor(drivers, sleep=no_sleep).apply(saved(plan_for(example, drivers)))
     assert result.ok, statuses(result)
