@@ -30,7 +30,8 @@ from yaml.resolver import Resolver
 Path_ = tuple[str | int, ...]
 ProblemSink = Callable[[int, str, Path_], None]  # (line, message, path)
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+#: libyaml's parser when PyYAML was built with it, else the pure-Python one
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 STR_TAG = "tag:yaml.org,2002:str"
 NULL_TAG = "tag:yaml.org,2002:null"
 _NO_KEY = object()
@@ -105,7 +106,7 @@ class _Reader:
         self.root: Any = _NO_KEY
         self.root_line = 1
         self.root_empty = False
-        for event in yaml.parse(text, Loader=_Loader):
+        for event in yaml.parse(text, Loader=YAML_LOADER):
             kind = type(event)
             if kind is yaml.ScalarEvent:
                 self._scalar(event)

@@ -18,16 +18,16 @@ import pydantic
 import yaml
 
 from reconciler import API_VERSION
-from reconciler._yamldocs import Document, Path_, TooDeep, TooLarge, read_documents
+from reconciler._yamldocs import YAML_LOADER, Document, Path_, TooDeep, TooLarge, read_documents
 from reconciler.errors import Problem, format_path
 from reconciler.models import KINDS, Desired, Key, Resource, Source, document_model
+from reconciler.models._resource import line_at
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
 MAX_NODES_PER_FILE = 500_000  # bounds alias expansion ("billion laughs") and huge input
 MAX_DEPTH = 100  # nesting levels (deeper is refused, not parsed)
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 
-_ComposeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 _Document = Document
@@ -86,7 +86,7 @@ def _parse_file(file: Path, problems: list[Problem]) -> list[_Document]:
         msg = " ".join(str(m) for m in (exc.context, exc.problem) if m)
         problems.append(Problem(name, line, f"YAML syntax error: {msg}"))
     except yaml.reader.ReaderError as exc:
-        before = text[: exc.position] if _ComposeLoader is yaml.SafeLoader else raw[: exc.position]
+        before = text[: exc.position] if YAML_LOADER is yaml.SafeLoader else raw[: exc.position]
         line = before.count("\n" if isinstance(before, str) else b"\n") + 1
         problems.append(Problem(name, line, f"YAML error: {str(exc).splitlines()[0]}"))
     except yaml.YAMLError as exc:
@@ -215,7 +215,7 @@ def _build(doc: _Document, file: str, problems: list[Problem]) -> Resource | Non
     data = doc.data
 
     def problem(path: Path_, message: str, resource: str | None = None) -> None:
-        line = _line(doc.lines, path, doc.line)
+        line = line_at(doc.lines, path, doc.line)
         problems.append(Problem(file, line, message, resource, format_path(path) or None))
 
     if not isinstance(data, dict):
@@ -261,14 +261,6 @@ def _build(doc: _Document, file: str, problems: list[Problem]) -> Resource | Non
         problem(("metadata", "tenant"), f"every {kind} needs metadata.tenant", label)
         return None
     return Resource.build(meta, model.spec, Source(file, doc.line), doc.lines)  # type: ignore[attr-defined]
-
-
-def _line(lines: dict[Path_, int], path: Path_, default: int) -> int:
-    for n in range(len(path), -1, -1):
-        line = lines.get(tuple(path[:n]))
-        if line is not None:
-            return line
-    return default
 
 
 def load(paths: Iterable[str | os.PathLike[str]], *, check: bool = True) -> tuple[Desired, list[Problem]]:

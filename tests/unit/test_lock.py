@@ -113,8 +113,8 @@ def test_context_manager_releases_on_error(state_dir: Path) -> None:
     with pytest.raises(RuntimeError):
         with HostLock(state_dir, 0):
             raise RuntimeError("apply crashed")
-    with HostLock(state_dir, 0):
-        pass
+    with HostLock(state_dir, 0) as again:  # a zero timeout: raises LockTimeout if still held
+        assert again.path.read_text() == f"pid {os.getpid()}: apply\n"
 
 
 def test_release_is_idempotent_and_lock_file_is_private(state_dir: Path) -> None:
@@ -123,8 +123,8 @@ def test_release_is_idempotent_and_lock_file_is_private(state_dir: Path) -> None
     assert (lock.path.stat().st_mode & 0o777) == 0o600
     lock.release()
     lock.release()
-    with HostLock(state_dir / "nested" / "state", 0):
-        pass
+    with HostLock(state_dir / "nested" / "state", 0) as again:  # raises LockTimeout if still held
+        assert again.path.read_text() == f"pid {os.getpid()}: apply\n"
 
 
 # --- another process ----------------------------------------------------------------------
@@ -208,8 +208,8 @@ def test_lock_timeout_names_the_pid_of_a_reconciler_in_another_process(
     # a holder that ends normally (stdin closed) releases it as well
     proc.communicate(input="", timeout=HANG_GUARD_S)
     assert proc.returncode == 0
-    with HostLock(state_dir, 0):
-        pass
+    with HostLock(state_dir, 0) as again:  # a zero timeout: raises LockTimeout if still held
+        assert again.path.read_text() == f"pid {os.getpid()}: apply\n"
 
 
 def test_we_block_another_process(state_dir: Path) -> None:

@@ -27,6 +27,15 @@ def spec_hash(spec_set: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(spec_set).encode()).hexdigest()[:32]
 
 
+def line_at(lines: Mapping[tuple[str | int, ...], int], path: tuple[str | int, ...], default: int) -> int:
+    """Line of the deepest part of `path` found in `lines`, else `default`."""
+    for n in range(len(path), -1, -1):
+        line = lines.get(tuple(path[:n]))
+        if line is not None:
+            return line
+    return default
+
+
 @dataclass(frozen=True, slots=True)
 class Resource:
     """One desired resource: its validated spec and where it was declared."""
@@ -66,11 +75,7 @@ class Resource:
 
     def line_of(self, path: tuple[str | int, ...]) -> int:
         """Line of the deepest part of `path` that exists in the document."""
-        for n in range(len(path), 0, -1):
-            line = self.lines.get(tuple(path[:n]))
-            if line is not None:
-                return line
-        return self.source.line
+        return line_at(self.lines, path, self.source.line)
 
 
 @dataclass(slots=True)

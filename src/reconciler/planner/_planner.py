@@ -312,10 +312,14 @@ class _Allocator:
     def fill(self, res: Resource) -> dict:
         spec = dict(res.spec_full)
         if res.key.kind == "Network":
-            field = {"vxlan": "vni", "vlan": "vlanId"}.get(spec.get("type", ""))
-            if field and spec.get(field) is None:
-                spec[field] = allocate(res.key, field, self.used[field])
+            self._segment_id(res.key, spec)
         return spec
+
+    def _segment_id(self, key: Key, spec: dict) -> None:
+        """Allocate the id the network's type needs, when the spec has none."""
+        field = {"vxlan": "vni", "vlan": "vlanId"}.get(spec.get("type", ""))
+        if field and spec.get(field) is None:
+            spec[field] = allocate(key, field, self.used[field])
 
     def retype(self, res: Resource, target: dict) -> dict:
         """A network changing type: host-chosen ids and MTU of the old type go; new ids are allocated."""
@@ -323,9 +327,7 @@ class _Allocator:
         for name in ("vni", "vlanId", "mtu"):
             if name not in res.spec_set:
                 spec[name] = None
-        field = {"vxlan": "vni", "vlan": "vlanId"}.get(spec.get("type", ""))
-        if field and spec.get(field) is None:
-            spec[field] = allocate(res.key, field, self.used[field])
+        self._segment_id(res.key, spec)
         return spec
 
 
