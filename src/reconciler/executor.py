@@ -10,6 +10,8 @@ bug.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -20,9 +22,9 @@ import structlog
 
 from reconciler.drivers.base import Driver
 from reconciler.errors import DriverError, StalePlan, TransientError
-from reconciler.models import Key
+from reconciler.models import KINDS, Key
 from reconciler.planner import Action, Change, Plan
-from reconciler.state import Observation, Observed
+from reconciler.state import Observation, Observed, Target
 
 log = structlog.get_logger("reconciler.executor")
 
@@ -64,6 +66,14 @@ def drivers_for(plan_changes: Iterable[Change], drivers: Mapping[str, Driver]) -
     seen: dict[int, Driver] = {}
     for change in plan_changes:
         drv = drivers[change.key.kind]
+        seen.setdefault(id(drv), drv)
+    return list(seen.values())
+
+
+def drivers_for_kinds(drivers: Mapping[str, Driver]) -> list[Driver]:
+    """Every distinct driver of a kind -> driver map."""
+    seen: dict[int, Driver] = {}
+    for drv in drivers.values():
         seen.setdefault(id(drv), drv)
     return list(seen.values())
 
@@ -126,6 +136,8 @@ class Executor:
         self.clock = clock
         self.on_start = on_start or (lambda c: None)
         self.on_done = on_done or (lambda o: None)
+        self._current: dict[Key, Observed] = {}
+        self._current_lock = threading.Lock()
 
     # --- the whole run ----------------------------------------------------------------
 
@@ -133,8 +145,16 @@ class Executor:
         started = self.clock()
         changes = plan.actionable
         involved = drivers_for(changes, self.drivers)
-        if check and changes:
-            check_fresh(plan, observe_all(involved), self.drivers)
+        self._current = {}
+        if changes:
+            # one read of every driver: the freshness check, and what each change's
+            # references have on the host (a NIC's bridge, a volume's device path)
+            everything = observe_all(drivers_for_kinds(self.drivers))
+            if check:
+                check_fresh(plan, everything, self.drivers)
+            for obs in everything.owned:
+                if not obs.mark.orphaned or obs.key not in self._current:
+                    self._current[obs.key] = obs
         outcomes = self._run(changes, plan.edges)
         if changes:
             self._verify(outcomes, observe_all(involved))
@@ -213,24 +233,24 @@ class Executor:
             return self._with_retries(fn, attempts)
 
         action = change.action
-        target = change.target
+        target = self._with_related(change.target)
         if action is Action.CREATE:
             assert target is not None
-            retry(lambda: drv.create(target))
+            self._record(retry(lambda: drv.create(target)))
         elif action is Action.UPDATE:
             assert target is not None and change.primary is not None
             primary = change.primary
-            retry(lambda: drv.update(target, primary, change.diffs))
+            self._record(retry(lambda: drv.update(target, primary, change.diffs)))
             for dup in change.duplicates:
                 retry(lambda dup=dup: drv.delete(dup))  # type: ignore[misc]
         elif action is Action.REPLACE:
             assert target is not None
             if change.create_before_destroy:
-                retry(lambda: drv.create(target))
+                self._record(retry(lambda: drv.create(target)))
             for old in change.observed:
                 retry(lambda old=old: drv.delete(old))  # type: ignore[misc]
             if not change.create_before_destroy:
-                retry(lambda: drv.create(target))
+                self._record(retry(lambda: drv.create(target)))
         elif action is Action.DELETE:
             for old in change.observed:
                 retry(lambda old=old: drv.delete(old))  # type: ignore[misc]
@@ -238,6 +258,30 @@ class Executor:
             for old in change.observed:
                 if not old.mark.orphaned:
                     retry(lambda old=old: drv.orphan(old))  # type: ignore[misc]
+
+    def _with_related(self, target: Target | None) -> Target | None:
+        """The target with the current host objects of the resources it references."""
+        if target is None:
+            return None
+        model = KINDS.get(target.key.kind)
+        if model is None:
+            return target
+        try:
+            spec = model.model_validate(dict(target.spec))
+        except Exception:  # noqa: BLE001 - a spec that does not parse has no references
+            return target
+        related = {}
+        with self._current_lock:
+            for ref in spec.references(target.key.tenant):
+                key = Key(ref.kind, ref.tenant, ref.name)
+                if key in self._current:
+                    related[key] = self._current[key]
+        return dataclasses.replace(target, related=related)
+
+    def _record(self, observed: Observed | None) -> None:
+        if isinstance(observed, Observed):
+            with self._current_lock:
+                self._current[observed.key] = observed
 
     def _with_retries(self, fn: Callable[[], T], attempts: list[int]) -> T:
         delay = self.backoff_s

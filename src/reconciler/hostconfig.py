@@ -32,6 +32,31 @@ REAL_DRIVERS: dict[str, str] = {
 }
 
 
+class LibvirtConfig(BaseModel):
+    """Settings of the libvirt driver (Instance, Image)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field("qemu:///system", description="libvirt connection URI.")
+    domainType: Literal["auto", "kvm", "qemu"] = Field(
+        "auto",
+        description="`auto`: kvm when a probe boot under KVM works on this host, else qemu "
+        "(TCG emulation); or force one.",
+    )
+    imageDir: Path | None = Field(None, description="Registered images (default: STATE_DIR/libvirt/images).")
+    instanceDir: Path | None = Field(
+        None, description="Root disks, seeds and console logs (default: STATE_DIR/libvirt/instances)."
+    )
+    probeImage: Path = Field(
+        Path("/var/lib/reconciler/images/tiny.qcow2"),
+        description="Guest booted once under KVM to decide the domain type (built by `make setup`).",
+    )
+    shutdownTimeoutSeconds: float = Field(
+        60.0, ge=0, description="How long a graceful (ACPI) shutdown may take before the domain is forced off."
+    )
+    maxParallel: int = Field(8, ge=1, le=64, description="Instance and image changes at once.")
+
+
 class HostConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -45,6 +70,7 @@ class HostConfig(BaseModel):
         "(the host drivers), or a map of kind to driver name.",
     )
     lockTimeoutSeconds: float = Field(60.0, ge=0, description="How long apply waits for the host lock.")
+    libvirt: LibvirtConfig = Field(default_factory=LibvirtConfig, description="The libvirt driver.")
     #: where it was read from (None: defaults)
     source: Path | None = Field(None, exclude=True)
 
@@ -98,4 +124,8 @@ def load_host_config(explicit: str | os.PathLike[str] | None = None) -> HostConf
     config.source = path
     if not config.stateDir.is_absolute():
         config.stateDir = (path.parent / config.stateDir).resolve()
+    for name in ("imageDir", "instanceDir", "probeImage"):
+        value = getattr(config.libvirt, name)
+        if value is not None and not value.is_absolute():
+            setattr(config.libvirt, name, (path.parent / value).resolve())
     return config

@@ -60,6 +60,9 @@ class Observed:
     spec: Mapping[str, Any]  # the live spec, in manifest terms
     mark: Mark
     host: Mapping[str, str] = field(default_factory=dict)  # for status: {"bridge": "rc-1a2b"}
+    #: fields that can change without a restart, up to this value (e.g. memory up to the
+    #: running domain's maximum): the planner classes such a change as in place
+    live: Mapping[str, int] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         """Changes whenever the object, its live spec or its mark changes."""
@@ -73,6 +76,7 @@ class Observed:
             "spec": dict(self.spec),
             "mark": self.mark.to_dict(),
             "host": dict(self.host),
+            "live": dict(self.live),
         }
 
     @classmethod
@@ -83,6 +87,7 @@ class Observed:
             spec=data["spec"],
             mark=Mark.from_dict(data["mark"]),
             host=data.get("host", {}),
+            live=data.get("live", {}),
         )
 
 
@@ -114,6 +119,9 @@ class Target:
     key: Key
     spec: Mapping[str, Any]
     mark: Mark
+    #: what the host has for the resources this one references (its network's bridge,
+    #: its volumes' device paths), filled by the executor at apply time
+    related: Mapping[Key, Observed] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

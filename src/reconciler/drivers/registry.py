@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from reconciler.drivers.base import Driver
+from reconciler.drivers.libvirt import LibvirtDriver, LibvirtSettings
 from reconciler.drivers.memory import MemoryDriver
 from reconciler.errors import ConfigError
 from reconciler.hostconfig import HostConfig
@@ -19,6 +20,11 @@ def build_drivers(config: HostConfig) -> dict[str, Driver]:
             if name == "memory":
                 kinds = tuple(k for k, n in names.items() if n == "memory")
                 instances[name] = MemoryDriver(config.stateDir / "memory", kinds)
+            elif name == "libvirt":
+                if kind not in LibvirtDriver.kinds:
+                    raise ConfigError(f"drivers: {kind}: the libvirt driver realises only "
+                                      + ", ".join(LibvirtDriver.kinds))
+                instances[name] = LibvirtDriver(libvirt_settings(config))
             else:
                 missing.append(f"{kind}: {name}")
                 continue
@@ -30,3 +36,16 @@ def build_drivers(config: HostConfig) -> dict[str, Driver]:
             "the host."
         )
     return out
+
+
+def libvirt_settings(config: HostConfig) -> LibvirtSettings:
+    lv = config.libvirt
+    return LibvirtSettings(
+        uri=lv.uri,
+        domain_type=lv.domainType,
+        image_dir=lv.imageDir or config.stateDir / "libvirt" / "images",
+        instance_dir=lv.instanceDir or config.stateDir / "libvirt" / "instances",
+        probe_image=lv.probeImage,
+        shutdown_timeout_s=lv.shutdownTimeoutSeconds,
+        max_parallel=lv.maxParallel,
+    )

@@ -20,6 +20,7 @@ last applied.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, Mapping
@@ -149,10 +150,11 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
             return Change(action=Action.UPDATE, reason=f"{len(found) - 1} duplicate host object(s) to remove",
                           target=Target(res.key, target, _mark(res)), **common)
         return Change(action=Action.NOOP, reason="up to date", **common)
+    notes: list[str] = []
+    diffs = _live(diffs, primary, notes)
     replace = [d for d in diffs if d.policy is UpdatePolicy.REPLACE]
     restart = [d for d in diffs if d.policy is UpdatePolicy.RESTART]
     reason = _reason(diffs)
-    notes: list[str] = []
     if replace:
         fields = ", ".join(format_path(d.path) for d in replace)
         notes.extend(_replace_notes(res.key, graph, model.create_before_destroy))
@@ -171,6 +173,25 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
         notes.append(f"{len(found) - 1} duplicate host object(s) removed")
     return Change(action=Action.UPDATE, reason=reason, disruption=disruption, diffs=tuple(diffs),
                   target=Target(res.key, target, _mark(res)), notes=tuple(notes), **common)
+
+
+def _live(diffs: list[FieldDiff], primary: Observed, notes: list[str]) -> list[FieldDiff]:
+    """Restart-class diffs the host can apply without a restart become in-place ones.
+
+    The driver says what it can change live (`Observed.live`: field -> highest value);
+    and a stopped object has nothing to restart: its changes apply when it starts."""
+    stopped = primary.spec.get("powerState") == "stopped"
+    out = []
+    for d in diffs:
+        if d.policy is UpdatePolicy.RESTART and len(d.path) == 1:
+            limit = primary.live.get(str(d.path[0]))
+            if stopped:
+                d = dataclasses.replace(d, policy=UpdatePolicy.IN_PLACE)
+            elif limit is not None and isinstance(d.new, int) and d.new <= limit:
+                d = dataclasses.replace(d, policy=UpdatePolicy.IN_PLACE)
+                notes.append(f"{d.path[0]}: applied live, without a restart")
+        out.append(d)
+    return out
 
 
 def _shrink_of(model: type, path: tuple[str | int, ...]) -> str | None:

@@ -1,0 +1,798 @@
+"""The libvirt driver: Instance as a QEMU/KVM domain, Image as a registered image file.
+
+Layout on the host (directories readable by libvirt's QEMU, files private)::
+
+    IMAGE_DIR/rc-<hash>-<sha12>.<fmt>     a registered image (never changed once there)
+    IMAGE_DIR/rc-<hash>-<sha12>.json      its mark: key, spec, sha256 (the ownership mark)
+    INSTANCE_DIR/<domain>/root.qcow2       the root disk: a qcow2 overlay on the image
+    INSTANCE_DIR/<domain>/seed.iso         the NoCloud seed (0600: it holds user-data)
+    INSTANCE_DIR/<domain>/seed.json        what the seed was built from (0600)
+    INSTANCE_DIR/<domain>/console.log      the serial console
+
+A domain is ours when its <metadata> carries our element (see `_config`); observe is
+one `listAllDomains` plus each domain's XML. Secrets (userData) never go into the
+domain XML: the mark there holds their SHA-256, and observe restores them from
+seed.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid as uuidlib
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from reconciler.drivers.libvirt import _disks
+from reconciler.drivers.libvirt._config import (
+    DiskConfig,
+    DomainConfig,
+    InterfaceConfig,
+    OwnerMetadata,
+    XMLParseError,
+)
+from reconciler.drivers.libvirt._host import Host, libvirt, translated
+from reconciler.drivers.libvirt._probe import DomainType, choose_domain_type
+from reconciler.drivers.libvirt._seed import NicSeed, SeedData, write_seed_iso
+from reconciler.errors import Conflict, NotFound, PermanentError, TransientError
+from reconciler.models import Key, UpdatePolicy
+from reconciler.naming import host_name, mac_address
+from reconciler.state import FieldDiff, Mark, Observation, Observed, Target, Unowned
+
+GIB = 1024**3
+SENSITIVE_FIELDS = ("userData",)
+REDACTED = "sha256:"
+ROOT_TARGET = "vda"
+SEED_TARGET = "hdc"
+MAX_ROOT_GIB = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class LibvirtSettings:
+    uri: str = "qemu:///system"
+    domain_type: str = "auto"  # auto | kvm | qemu
+    image_dir: Path = Path("/var/lib/reconciler/libvirt/images")
+    instance_dir: Path = Path("/var/lib/reconciler/libvirt/instances")
+    probe_image: Path = Path("/var/lib/reconciler/images/tiny.qcow2")
+    shutdown_timeout_s: float = 60.0
+    max_parallel: int = 8
+
+
+class LibvirtDriver:
+    """Realises Image and Instance through libvirt (see the module docstring)."""
+
+    name = "libvirt"
+    kinds = ("Image", "Instance")
+
+    def __init__(
+        self,
+        settings: LibvirtSettings,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.settings = settings
+        self.max_parallel = settings.max_parallel
+        self.host = Host(settings.uri)
+        self.sleep = sleep
+        self.clock = clock
+        self._domain_type: DomainType | None = None
+        self._type_lock = threading.Lock()
+        self._image_lock = threading.Lock()
+
+    # --- reading ---------------------------------------------------------------------
+
+    def observe(self) -> Observation:
+        result = Observation()
+        result.extend(self._observe_images())
+        result.extend(self._observe_instances())
+        return result
+
+    def host_name(self, key: Key) -> str:
+        return host_name(key)
+
+    def domain_type(self) -> DomainType:
+        """kvm or qemu, decided once per driver (the probe itself is cached on disk)."""
+        with self._type_lock:
+            if self._domain_type is None:
+                self._domain_type = choose_domain_type(
+                    self.host,
+                    self.settings.domain_type,
+                    self.settings.instance_dir.parent / "domain-type.json",
+                    self.settings.probe_image,
+                    self.settings.instance_dir,
+                )
+            return self._domain_type
+
+    def _observe_instances(self) -> Observation:
+        result = Observation()
+        conn = self.host.conn()
+        with translated("listing domains"):
+            domains = conn.listAllDomains(0)
+        for dom in domains:
+            try:
+                with translated("reading a domain"):
+                    name = dom.name()
+                    cfg = DomainConfig.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                    state = dom.state()[0]
+                    live = DomainConfig.parse(dom.XMLDesc(0)) if dom.isActive() else None
+            except NotFound:
+                continue  # undefined while we listed
+            except XMLParseError as exc:
+                result.unowned.append(Unowned("Instance", "?", f"unreadable domain XML: {exc}"))
+                continue
+            if cfg.owner is None or cfg.owner.mark.get("kind") != "Instance":
+                result.unowned.append(Unowned("Instance", name, f"domain {name} has no reconciler mark"))
+                continue
+            try:
+                result.owned.append(self._instance_observed(cfg, live, state))
+            except (KeyError, TypeError, ValueError) as exc:
+                result.unowned.append(Unowned("Instance", name, f"domain {name}: unreadable mark: {exc}"))
+        return result
+
+    def _instance_observed(self, cfg: DomainConfig, live: DomainConfig | None, state: int) -> Observed:
+        assert cfg.owner is not None
+        seed = self._seed_json(cfg.name)
+        mark = _restore_mark(Mark.from_dict(cfg.owner.mark), seed)
+        stored = dict(cfg.owner.spec)
+        for name in SENSITIVE_FIELDS:
+            if _is_redacted(stored.get(name)):
+                stored[name] = _unredact(stored[name], seed.get(name) if seed else None)
+        spec = dict(stored)
+        spec["vcpus"] = cfg.vcpus
+        spec["memoryMiB"] = cfg.memory_kib // 1024
+        spec["powerState"] = _power_state(state)
+        root = cfg.disk(ROOT_TARGET)
+        header = _disks.read_qcow2_header(Path(root.source)) if root is not None else None
+        spec["rootDiskGiB"] = -(-header.virtual_size // GIB) if header else 0
+        key = mark.key
+        # NICs are matched by their stable MAC; one we did not put there shows as unknown
+        macs = {i.mac: i for i in cfg.interfaces}
+        nics = []
+        for nic in stored.get("networks") or []:
+            if mac_address(key.tenant, key.name, nic["network"]) in macs:
+                nics.append(nic)
+                macs.pop(mac_address(key.tenant, key.name, nic["network"]))
+        for mac, iface in macs.items():
+            nics.append({"network": f"(unknown NIC {mac} on {iface.bridge})", "ip": None,
+                         "securityGroups": []})
+        spec["networks"] = nics
+        # volumes are matched by their disk serial (the volume's host name)
+        serials = {d.serial: d for d in cfg.disks if d.device == "disk" and d.target != ROOT_TARGET}
+        vols = []
+        for att in stored.get("volumes") or []:
+            serial = _volume_serial(key.tenant, att["volume"])
+            disk = serials.pop(serial, None)
+            if disk is not None:
+                vols.append({**att, "device": disk.target if att.get("device") else None})
+        for serial, disk in serials.items():
+            vols.append({"volume": f"(unknown disk {serial or disk.source})", "device": disk.target})
+        spec["volumes"] = vols
+        host = {
+            "domain": cfg.name,
+            "state": _STATE_NAMES.get(state, str(state)),
+            "domainType": cfg.domain_type,
+        }
+        live_limits: dict[str, int] = {"rootDiskGiB": MAX_ROOT_GIB}
+        if live is not None:
+            pending = []
+            if live.vcpus != cfg.vcpus:
+                pending.append(f"vcpus {live.vcpus}->{cfg.vcpus}")
+            live_mib = (live.current_memory_kib or live.memory_kib) // 1024
+            if live_mib != cfg.memory_kib // 1024:
+                pending.append(f"memoryMiB {live_mib}->{cfg.memory_kib // 1024}")
+            if pending:
+                host["pending"] = ", ".join(pending) + " (applies at restart)"
+            if live.memballoon:
+                live_limits["memoryMiB"] = live.memory_kib // 1024
+        return Observed(key, cfg.uuid or cfg.name, spec, mark, host, live_limits)
+
+    def _observe_images(self) -> Observation:
+        result = Observation()
+        folder = self.settings.image_dir
+        if not folder.is_dir():
+            return result
+        for meta in sorted(folder.glob("rc-*.json")):
+            data = _read_json(meta)
+            if data is None or data.get("retired"):
+                continue
+            try:
+                mark = Mark.from_dict(data["mark"])
+            except (KeyError, TypeError):
+                result.unowned.append(Unowned("Image", meta.stem.rsplit("-", 1)[0], f"{meta}: no mark"))
+                continue
+            spec = dict(data.get("spec") or {})
+            image = folder / data.get("file", "")
+            if not data.get("file") or not image.exists():
+                spec["source"] = f"(registered file {image} is missing)"
+            result.owned.append(Observed(mark.key, meta.stem, spec, mark,
+                                         {"image": str(image), "format": str(data.get("format", ""))}))
+        known = {m.stem for m in folder.glob("rc-*.json")}
+        for path in sorted(folder.glob("rc-*")):
+            if path.suffix != ".json" and path.name.split(".", 1)[0] not in known:
+                base = "-".join(path.name.split(".", 1)[0].split("-")[:2])
+                result.unowned.append(Unowned("Image", base, f"{path} has no reconciler mark"))
+        return result
+
+    # --- acting ----------------------------------------------------------------------
+
+    def create(self, target: Target) -> Observed:
+        if target.key.kind == "Image":
+            return self._create_image(target)
+        return self._create_instance(target)
+
+    def update(self, target: Target, observed: Observed, diffs: Sequence[FieldDiff]) -> Observed:
+        if target.key.kind == "Image":
+            return self._update_image(target, observed)
+        return self._update_instance(target, observed, diffs)
+
+    def delete(self, observed: Observed) -> None:
+        if observed.key.kind == "Image":
+            self._delete_image(observed)
+        else:
+            self._delete_instance(observed)
+
+    def orphan(self, observed: Observed) -> Observed:
+        mark = dataclasses.replace(observed.mark, orphaned=True)
+        if observed.key.kind == "Image":
+            meta = self.settings.image_dir / f"{observed.identity}.json"
+            data = _read_json(meta)
+            if data is None:
+                raise NotFound(f"{observed.key.display}: {meta} is gone")
+            data["mark"] = mark.to_dict()
+            _write_json(meta, data, mode=0o644)
+        else:
+            dom = self._domain(observed)
+            cfg = self._ours(dom, observed.key)
+            assert cfg.owner is not None
+            owner = OwnerMetadata(_redact_mark(mark), cfg.owner.spec)
+            with translated(f"flagging {observed.key.display} orphaned"):
+                dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, owner.to_xml(), "rc",
+                                owner_namespace(), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        return dataclasses.replace(observed, mark=mark)
+
+    def adopt(self, unowned_name: str, target: Target) -> Observed:
+        """Put our mark on an existing domain (``reconciler import``); nothing else changes."""
+        if target.key.kind != "Instance":
+            raise PermanentError(f"{target.key.kind} cannot be imported by the libvirt driver")
+        conn = self.host.conn()
+        with translated(f"looking up domain {unowned_name}"):
+            dom = conn.lookupByName(unowned_name)
+            cfg = DomainConfig.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        if cfg.owner is not None:
+            raise Conflict(f"domain {unowned_name} already carries a reconciler mark")
+        stored = _redact_spec(dict(target.spec))
+        owner = OwnerMetadata(_redact_mark(target.mark), stored)
+        with translated(f"marking domain {unowned_name}"):
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, owner.to_xml(), "rc",
+                            owner_namespace(), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        return self._observe_domain(dom)
+
+    # --- images ----------------------------------------------------------------------
+
+    def _create_image(self, target: Target) -> Observed:
+        spec = target.spec
+        source = Path(spec["source"])
+        if not source.is_file():
+            raise PermanentError(f"{target.key.display}: image source {source} does not exist")
+        folder = self.settings.image_dir
+        _make_dirs(folder)
+        fmt, _size = _disks.image_info(source)
+        if fmt != spec.get("format", "qcow2"):
+            raise PermanentError(
+                f"{target.key.display}: {source} is a {fmt} image but format says {spec.get('format')}"
+            )
+        base = self.host_name(target.key)
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="." + fmt)
+        tmp = Path(tmp_name)
+        try:
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+            sha = digest.hexdigest()
+            if spec.get("sha256") and spec["sha256"] != sha:
+                raise PermanentError(
+                    f"{target.key.display}: checksum mismatch for {source}: expected "
+                    f"{spec['sha256']}, got {sha}"
+                )
+            os.chmod(tmp, 0o644)
+            stem = f"{base}-{sha[:12]}"
+            meta = folder / f"{stem}.json"
+            if meta.exists() and not (_read_json(meta) or {}).get("retired"):
+                data = _read_json(meta) or {}
+                if _mark_key(data) != target.key:
+                    raise Conflict(f"{meta} belongs to another resource")
+            final = folder / f"{stem}.{fmt}"
+            # the mark first, then the file: a crash in between leaves a mark whose file is
+            # missing, which plans as a replacement, never an unmarked file in the way
+            _write_json(meta, {"mark": target.mark.to_dict(), "spec": dict(spec), "file": final.name,
+                               "format": fmt, "sha256": sha}, mode=0o644)
+            tmp.replace(final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return Observed(target.key, stem, dict(spec), target.mark, {"image": str(final), "format": fmt})
+
+    def _update_image(self, target: Target, observed: Observed) -> Observed:
+        meta = self.settings.image_dir / f"{observed.identity}.json"
+        data = _read_json(meta)
+        if data is None:
+            raise NotFound(f"{observed.key.display}: {meta} is gone")
+        if _mark_key(data) != observed.key:
+            raise Conflict(f"{meta} is no longer ours")
+        data["mark"] = target.mark.to_dict()
+        data["spec"] = dict(target.spec)
+        _write_json(meta, data, mode=0o644)
+        return Observed(target.key, observed.identity, dict(target.spec), target.mark, observed.host)
+
+    def _delete_image(self, observed: Observed) -> None:
+        folder = self.settings.image_dir
+        meta = folder / f"{observed.identity}.json"
+        with self._image_lock:
+            data = _read_json(meta)
+            if data is None:
+                return
+            if _mark_key(data) != observed.key:
+                raise Conflict(f"{meta} is no longer ours; not touching it")
+            image = folder / str(data.get("file", ""))
+            if data.get("file") and image.exists() and self._image_users(image):
+                # root disks still read from it: keep the file, drop it from what we own,
+                # and remove it once the last instance on it is gone
+                data["retired"] = True
+                _write_json(meta, data, mode=0o644)
+            else:
+                if data.get("file"):
+                    image.unlink(missing_ok=True)
+                meta.unlink(missing_ok=True)
+            self._collect_retired()
+
+    def _image_users(self, image: Path) -> list[str]:
+        users = []
+        folder = self.settings.instance_dir
+        if folder.is_dir():
+            for root in folder.glob("*/root.qcow2"):
+                header = _disks.read_qcow2_header(root)
+                if header and header.backing_file and Path(header.backing_file) == image:
+                    users.append(root.parent.name)
+        return users
+
+    def _collect_retired(self) -> None:
+        for meta in self.settings.image_dir.glob("rc-*.json"):
+            data = _read_json(meta)
+            if data and data.get("retired"):
+                image = self.settings.image_dir / str(data.get("file", ""))
+                if not data.get("file") or not self._image_users(image):
+                    if data.get("file"):
+                        image.unlink(missing_ok=True)
+                    meta.unlink(missing_ok=True)
+
+    def _image_file(self, tenant: str, name: str, related: Mapping[Key, Observed]) -> tuple[Path, str]:
+        key = Key("Image", tenant, name)
+        obs = related.get(key)
+        if obs is None:
+            candidates = [o for o in self._observe_images().owned if o.key == key]
+            if not candidates:
+                raise PermanentError(f"image {tenant}/{name} is not registered on this host")
+            obs = max(candidates, key=lambda o: Path(o.host.get("image", "")).stat().st_mtime
+                      if Path(o.host.get("image", "")).exists() else 0)
+        path = Path(obs.host.get("image", ""))
+        if not path.is_file():
+            raise PermanentError(f"image {tenant}/{name}: file {path} is missing")
+        return path, obs.host.get("format", "qcow2")
+
+    # --- instances -------------------------------------------------------------------
+
+    def _create_instance(self, target: Target) -> Observed:
+        key, spec = target.key, target.spec
+        name = self.host_name(key)
+        conn = self.host.conn()
+        existing = self._lookup(name)
+        if existing is not None:
+            cfg = DomainConfig.parse(existing.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            if cfg.owner is None:
+                raise Conflict(
+                    f"{key.display}: a domain named {name} exists without our mark; not touching "
+                    f"it (remove it, or adopt it with `reconciler import`)"
+                )
+            if Mark.from_dict(cfg.owner.mark).key != key:
+                raise Conflict(f"{key.display}: domain {name} belongs to another resource")
+            # ours from an interrupted run: bring it to the target instead of a duplicate
+            observed = self._observe_domain(existing)
+            return self._update_instance(target, observed, ())
+        image, image_format = self._image_file(key.tenant, spec["image"], target.related)
+        directory = self.settings.instance_dir / name
+        if directory.exists():
+            shutil.rmtree(directory)  # leftovers of a create killed before define
+        _make_dirs(directory)
+        _disks.create_overlay(directory / "root.qcow2", image, image_format, int(spec["rootDiskGiB"]))
+        self._write_seed(directory, key, spec, target.related, instance_id=str(uuidlib.uuid4()))
+        config = self._domain_config(target, uuid=None)
+        with translated(f"defining domain {name}"):
+            dom = conn.defineXML(config.to_xml())
+        if spec.get("powerState", "running") == "running":
+            self._start(dom, key)
+        return self._observe_domain(dom)
+
+    def _update_instance(self, target: Target, observed: Observed, diffs: Sequence[FieldDiff]) -> Observed:
+        key, spec = target.key, target.spec
+        dom = self._domain(observed)
+        old = self._ours(dom, key)
+        name = old.name
+        directory = self.settings.instance_dir / name
+        running = self._active(dom)
+        new = self._domain_config(target, uuid=old.uuid)
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if running:
+            # hot-plug NICs and volumes (the persistent config follows by defineXML below)
+            old_nics = {i.mac: i for i in DomainConfig.parse(dom.XMLDesc(0)).interfaces}
+            new_nics = {i.mac: i for i in new.interfaces}
+            old_disks = _volume_disks(DomainConfig.parse(dom.XMLDesc(0)))
+            new_disks = _volume_disks(new)
+            with translated(f"hot-plugging devices of {key.display}"):
+                for mac in old_nics.keys() - new_nics.keys():
+                    dom.detachDeviceFlags(old_nics[mac].to_xml(), flags)
+                for serial in old_disks.keys() - new_disks.keys():
+                    dom.detachDeviceFlags(old_disks[serial].to_xml(), flags)
+                for mac in new_nics.keys() - old_nics.keys():
+                    dom.attachDeviceFlags(new_nics[mac].to_xml(), flags)
+                for serial in new_disks.keys() - old_disks.keys():
+                    dom.attachDeviceFlags(new_disks[serial].to_xml(), flags)
+        root = directory / "root.qcow2"
+        header = _disks.read_qcow2_header(root)
+        want = int(spec["rootDiskGiB"]) * GIB
+        if header is not None and want > header.virtual_size:
+            if running:
+                with translated(f"growing the root disk of {key.display}"):
+                    dom.blockResize(ROOT_TARGET, want, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+            else:
+                _disks.resize(root, int(spec["rootDiskGiB"]))
+        if running and any(d.path == ("memoryMiB",) and d.policy is UpdatePolicy.IN_PLACE for d in diffs):
+            with translated(f"changing the memory of {key.display} live"):
+                dom.setMemoryFlags(int(spec["memoryMiB"]) * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        self._write_seed(directory, key, spec, target.related, instance_id=self._instance_id(directory))
+        with translated(f"redefining domain {name}"):
+            dom = self.host.conn().defineXML(new.to_xml())
+        want_running = spec.get("powerState", "running") == "running"
+        if running and not want_running:
+            self._shutdown(dom, key)
+        elif not running and want_running:
+            self._start(dom, key)
+        elif running and spec.get("restartPolicy") == "Allowed" and self._pending(dom):
+            self._shutdown(dom, key)
+            self._start(dom, key)
+        return self._observe_domain(dom)
+
+    def _delete_instance(self, observed: Observed) -> None:
+        try:
+            dom = self._domain(observed)
+        except NotFound:
+            dom = None
+        if dom is not None:
+            cfg = self._ours(dom, observed.key)
+            if self._active(dom):
+                self._shutdown(dom, observed.key)
+            with translated(f"undefining {observed.key.display}"):
+                dom.undefineFlags(
+                    libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                    | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                )
+            name = cfg.name
+        else:
+            name = self.host_name(observed.key)
+        shutil.rmtree(self.settings.instance_dir / name, ignore_errors=True)
+        with self._image_lock:
+            self._collect_retired()
+
+    # --- instance helpers ------------------------------------------------------------
+
+    def _domain_config(self, target: Target, uuid: str | None) -> DomainConfig:
+        key, spec = target.key, target.spec
+        name = self.host_name(key)
+        directory = self.settings.instance_dir / name
+        dtype = self.domain_type().type
+        disks = [
+            DiskConfig(str(directory / "root.qcow2"), ROOT_TARGET, "qcow2"),
+            DiskConfig(str(directory / "seed.iso"), SEED_TARGET, "raw", device="cdrom", bus="ide",
+                       readonly=True),
+        ]
+        used = {ROOT_TARGET}
+        wanted = [a.get("device") for a in spec.get("volumes") or [] if a.get("device")]
+        for att in spec.get("volumes") or []:
+            vol_key = Key("Volume", key.tenant, att["volume"])
+            vol = target.related.get(vol_key)
+            path = vol.host.get("path") if vol is not None else None
+            if not path:
+                driver = vol.host.get("driver", "?") if vol is not None else "none"
+                raise PermanentError(
+                    f"{key.display}: volume {key.tenant}/{att['volume']} has no device path on "
+                    f"this host (its driver: {driver})"
+                )
+            device = att.get("device") or _next_device(used | set(wanted))
+            used.add(device)
+            disks.append(DiskConfig(
+                path, device, vol.host.get("format", "raw"), serial=_volume_serial(key.tenant, att["volume"]),
+                block=vol.host.get("block") == "true",
+            ))
+        nics = []
+        for nic in spec.get("networks") or []:
+            bridge = _bridge_of(key.tenant, nic["network"], target.related)
+            nics.append(InterfaceConfig(mac_address(key.tenant, key.name, nic["network"]), bridge,
+                                        mtu=_bridge_mtu(bridge)))
+        stored = _redact_spec(dict(spec))
+        return DomainConfig(
+            name=name,
+            domain_type=dtype,
+            uuid=uuid,
+            title=f"{key.tenant}/{key.name}",
+            description=f"Instance {key.tenant}/{key.name}, managed by reconciler: change it in "
+            "the manifests, not here.",
+            memory_kib=int(spec["memoryMiB"]) * 1024,
+            vcpus=int(spec["vcpus"]),
+            cpu_model="qemu64" if dtype == "qemu" else None,
+            disks=disks,
+            interfaces=nics,
+            console_log=str(directory / "console.log"),
+            owner=OwnerMetadata(_redact_mark(target.mark), stored),
+        )
+
+    def _write_seed(self, directory: Path, key: Key, spec: Mapping[str, Any],
+                    related: Mapping[Key, Observed], instance_id: str) -> None:
+        nics = []
+        for nic in spec.get("networks") or []:
+            net = related.get(Key("Network", key.tenant, nic["network"]))
+            address = gateway = None
+            dns: tuple[IPv4Address, ...] = ()
+            subnets = (net.spec.get("subnets") if net is not None else None) or []
+            if nic.get("ip") and subnets:
+                ip = IPv4Address(nic["ip"])
+                for subnet in subnets:
+                    cidr = IPv4Interface(f"{ip}/{IPv4Interface(subnet['cidr']).network.prefixlen}")
+                    if cidr.network == IPv4Interface(subnet["cidr"]).network:
+                        address = cidr
+                        gw = subnet.get("gateway") or str(cidr.network.network_address + 1)
+                        gateway = IPv4Address(gw)
+                        dns = tuple(IPv4Address(d) for d in subnet.get("dnsServers") or [])
+                        break
+            elif nic.get("ip"):
+                address = IPv4Interface(f"{nic['ip']}/24")  # no subnet known: a /24 around it
+            bridge = _bridge_of(key.tenant, nic["network"], related)
+            nics.append(NicSeed(mac_address(key.tenant, key.name, nic["network"]), address,
+                                gateway if not nics else None, _bridge_mtu(bridge), dns))
+        seed = SeedData(
+            instance_id=instance_id,
+            hostname=key.name,
+            nics=tuple(nics),
+            user_data=spec.get("userData"),
+            ssh_authorized_keys=tuple(spec.get("sshAuthorizedKeys") or ()),
+        )
+        text = seed.to_json()
+        sidecar = directory / "seed.json"
+        if sidecar.exists() and (directory / "seed.iso").exists() and sidecar.read_text() == text:
+            return  # unchanged: keep the ISO (the guest may have it open)
+        write_seed_iso(directory / "seed.iso", seed)
+        _write_text(sidecar, text, mode=0o600)
+
+    def _instance_id(self, directory: Path) -> str:
+        data = _read_json(directory / "seed.json") or {}
+        return str(data.get("instance_id") or uuidlib.uuid4())
+
+    def _seed_json(self, domain_name: str) -> dict[str, Any] | None:
+        data = _read_json(self.settings.instance_dir / domain_name / "seed.json")
+        if data is None:
+            return None
+        return {"userData": data.get("user_data")}
+
+    def _lookup(self, name: str):
+        conn = self.host.conn()
+        try:
+            with translated(f"looking up domain {name}"):
+                return conn.lookupByName(name)
+        except NotFound:
+            return None
+
+    def _domain(self, observed: Observed):
+        conn = self.host.conn()
+        with translated(f"looking up {observed.key.display}"):
+            try:
+                return conn.lookupByUUIDString(observed.identity)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    raise NotFound(f"{observed.key.display}: domain {observed.identity} is gone") from None
+                raise
+
+    def _ours(self, dom, key: Key) -> DomainConfig:
+        with translated(f"reading {key.display}"):
+            cfg = DomainConfig.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        if cfg.owner is None or Mark.from_dict(cfg.owner.mark).key != key:
+            raise Conflict(f"{key.display}: domain {cfg.name} is no longer ours; not touching it")
+        return cfg
+
+    def _observe_domain(self, dom) -> Observed:
+        with translated("reading a domain"):
+            cfg = DomainConfig.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            state = dom.state()[0]
+            live = DomainConfig.parse(dom.XMLDesc(0)) if dom.isActive() else None
+        return self._instance_observed(cfg, live, state)
+
+    def _active(self, dom) -> bool:
+        with translated("reading domain state"):
+            return bool(dom.isActive())
+
+    def _pending(self, dom) -> bool:
+        with translated("reading domain XML"):
+            cfg = DomainConfig.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            live = DomainConfig.parse(dom.XMLDesc(0))
+        live_mib = (live.current_memory_kib or live.memory_kib) // 1024
+        return live.vcpus != cfg.vcpus or live_mib != cfg.memory_kib // 1024
+
+    def _start(self, dom, key: Key) -> None:
+        for nic in DomainConfig.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).interfaces:
+            if not Path("/sys/class/net", nic.bridge).exists():
+                raise TransientError(f"{key.display}: bridge {nic.bridge} does not exist (yet)")
+        with translated(f"starting {key.display}"):
+            dom.create()
+
+    def _shutdown(self, dom, key: Key) -> None:
+        """Graceful (ACPI) shutdown; forced off when it has not stopped in time."""
+        with translated(f"shutting down {key.display}"):
+            deadline = self.clock() + self.settings.shutdown_timeout_s
+            next_press = self.clock()
+            while dom.isActive() and self.clock() < deadline:
+                if self.clock() >= next_press:
+                    # pressed again every 2 s: a guest still booting misses the first press
+                    try:
+                        dom.shutdown()
+                    except libvirt.libvirtError as exc:
+                        if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                            raise
+                    next_press = self.clock() + 2.0
+                self.sleep(0.2)
+            if dom.isActive():
+                try:
+                    dom.destroy()
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                        raise
+
+
+def owner_namespace() -> str:
+    from reconciler.drivers.libvirt._config import NS
+
+    return NS
+
+
+_STATE_NAMES = {}
+if libvirt is not None:
+    _STATE_NAMES = {
+        libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+        libvirt.VIR_DOMAIN_RUNNING: "running",
+        libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+        libvirt.VIR_DOMAIN_PAUSED: "paused",
+        libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+        libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+        libvirt.VIR_DOMAIN_CRASHED: "crashed",
+        libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+    }
+
+
+def _power_state(state: int) -> str:
+    name = _STATE_NAMES.get(state, "")
+    if name in ("running", "blocked"):
+        return "running"
+    if name in ("paused", "suspended"):
+        return name  # neither running nor stopped: the plan shows it and resumes or stops it
+    return "stopped"
+
+
+def _volume_serial(tenant: str, volume: str) -> str:
+    """The disk serial a volume has inside the guest (virtio-blk allows 20 characters)."""
+    return host_name(Key("Volume", tenant, volume))
+
+
+def _volume_disks(cfg: DomainConfig) -> dict[str, DiskConfig]:
+    return {d.serial or d.source: d for d in cfg.disks if d.device == "disk" and d.target != ROOT_TARGET}
+
+
+def _next_device(used: set[str]) -> str:
+    for letter in "bcdefghijklmnopqrstuvwxyz":
+        if f"vd{letter}" not in used:
+            return f"vd{letter}"
+    raise PermanentError("no free virtio disk name left (vdb..vdz)")
+
+
+def _bridge_of(tenant: str, network: str, related: Mapping[Key, Observed]) -> str:
+    obs = related.get(Key("Network", tenant, network))
+    if obs is not None and obs.host.get("bridge"):
+        return obs.host["bridge"]
+    return host_name(Key("Network", tenant, network))
+
+
+def _bridge_mtu(bridge: str) -> int | None:
+    try:
+        return int(Path("/sys/class/net", bridge, "mtu").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _redact_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    for name in SENSITIVE_FIELDS:
+        value = spec.get(name)
+        if isinstance(value, str) and not _is_redacted(value):
+            spec[name] = REDACTED + hashlib.sha256(value.encode()).hexdigest()
+    return spec
+
+
+def _redact_mark(mark: Mark) -> dict[str, Any]:
+    data = mark.to_dict()
+    data["applied"] = _redact_spec(dict(data["applied"]))
+    return data
+
+
+def _restore_mark(mark: Mark, seed: Mapping[str, Any] | None) -> Mark:
+    applied = dict(mark.applied)
+    changed = False
+    for name in SENSITIVE_FIELDS:
+        if _is_redacted(applied.get(name)):
+            applied[name] = _unredact(applied[name], seed.get(name) if seed else None)
+            changed = True
+    return dataclasses.replace(mark, applied=applied) if changed else mark
+
+
+def _is_redacted(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(REDACTED) and len(value) == len(REDACTED) + 64
+
+
+def _unredact(redacted: str, candidate: str | None) -> str:
+    """The secret, when the sidecar still holds the one the hash names; else the hash
+    (which then differs from any manifest value, so the seed is written again)."""
+    if candidate is not None and REDACTED + hashlib.sha256(candidate.encode()).hexdigest() == redacted:
+        return candidate
+    return redacted
+
+
+def _mark_key(data: Mapping[str, Any]) -> Key | None:
+    try:
+        return Mark.from_dict(data["mark"]).key
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def _make_dirs(path: Path) -> None:
+    """Create with 0755: libvirt's QEMU (another user) must reach the files inside."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o755)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: Mapping[str, Any], mode: int) -> None:
+    _write_text(path, json.dumps(data, sort_keys=True), mode)
+
+
+def _write_text(path: Path, text: str, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
