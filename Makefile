@@ -6,16 +6,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_CONFIG := hostconfig/demo-memory.yaml
 
-.PHONY: setup test test-fast lint-imports schemas docs demo demo-clean bench clean
+.PHONY: setup services test test-fast lint-imports schemas docs demo demo-clean bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh scripts/setup-libvirt.sh scripts/build-test-image.sh $(wildcard guest/*)
 	bash scripts/setup.sh "$(PYTHON)" "$(VENV)"
 	touch $(STAMP)
 
+## Host services must run on every test run (a machine reboot stops them); idempotent.
+services: setup
+	@if [ "$$(id -u)" = 0 ]; then bash scripts/setup-libvirt.sh && bash scripts/build-test-image.sh; fi
+
 ## The whole test suite (what CI runs).
-test: setup
+test: setup services
 	$(VENV)/bin/lint-imports --config .importlinter
 	$(PY) -m pytest -q -n 2 tests
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install what reconciler needs, idempotently: Debian packages, then a virtualenv.
-# Later issues add the host services (libvirtd, dnsmasq, nftables, lvm2, Swift) here.
+# As root it also installs and starts the host services the real drivers need
+# (libvirtd/virtlogd) and builds the test guest image; later issues add dnsmasq,
+# nftables, lvm2 and Swift here.
 set -euo pipefail
 PYTHON=${1:-python3.11}
 VENV=${2:-.venv}
@@ -24,9 +26,23 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+HERE=$(cd "$(dirname "$0")" && pwd)
+if [ "$(id -u)" = 0 ]; then
+  # libvirt-python builds against libvirt-dev: the host packages come before pip
+  bash "$HERE/setup-libvirt.sh"
+else
+  echo "setup: not root: skipping libvirtd and the test guest (the real-driver tests will skip)" >&2
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
+if ! pkg-config --exists libvirt 2>/dev/null; then
+  echo "setup: libvirt-dev and pkg-config are needed to build libvirt-python (run as root)" >&2
+  exit 1
+fi
 "$VENV/bin/python" -m pip install -q -e ".[test]"
+if [ "$(id -u)" = 0 ]; then
+  bash "$HERE/build-test-image.sh"
+fi
 echo "setup: ready ($("$VENV/bin/python" --version), virtualenv $VENV)"

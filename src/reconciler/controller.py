@@ -16,9 +16,9 @@ import networkx as nx
 import structlog
 
 from reconciler.dependencies import build_graph
-from reconciler.drivers.base import Driver
+from reconciler.drivers.base import Adopting, Driver
 from reconciler.drivers.registry import build_drivers
-from reconciler.errors import ValidationFailed
+from reconciler.errors import ReconcilerError, ValidationFailed
 from reconciler.executor import ApplyResult, Executor, Outcome, observe_all
 from reconciler.hostconfig import HostConfig
 from reconciler.journal import Journal
@@ -26,9 +26,13 @@ from reconciler.loader import load
 from reconciler.lock import HostLock
 from reconciler.models import Desired, Key
 from reconciler.planner import Action, Change, Plan, plan
-from reconciler.state import Observation, Unowned
+from reconciler.state import Observation, Observed, Unowned
 
 log = structlog.get_logger("reconciler.controller")
+
+
+class ImportRefused(ReconcilerError):
+    """`reconciler import` cannot adopt that object (nothing was changed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +169,34 @@ class Controller:
         log.info("applied", command=command, apply_id=apply_id, ok=result.ok,
                  duration_s=round(result.duration_s, 4), **counts)
         return result
+
+    def import_object(self, desired: Desired, key: Key, host_id: str | None = None) -> Observed:
+        """Adopt a host object without our mark as the manifests' `key` (``reconciler
+        import``): put our mark on it, change nothing else. The next plan shows how it
+        differs from the manifest."""
+        if desired.get(key) is None:
+            raise ImportRefused(f"{key.display} is not in the manifests: write it there first")
+        drv = self.drivers.get(key.kind)
+        if drv is None or not isinstance(drv, Adopting):
+            raise ImportRefused(f"the {getattr(drv, 'name', '?')} driver cannot import {key.kind} objects")
+        observation = self.observe()
+        if any(o.key == key for o in observation.owned):
+            raise ImportRefused(f"{key.display} is already managed: nothing to import")
+        name = host_id or drv.host_name(key)
+        if not any(u.kind == key.kind and u.host_name == name for u in observation.unowned):
+            raise ImportRefused(f"no {key.kind.lower()} named {name!r} without our mark on this host")
+        conflicts = {k: u for k, u in self.conflicts(desired, observation).items() if k != key}
+        the_plan = plan(desired, observation, self.graph(desired), conflicts=conflicts)
+        change = next((c for c in the_plan if c.key == key), None)
+        if change is None or change.target is None:
+            raise ImportRefused(f"{key.display} cannot be planned: " + "; ".join(p.message for p in the_plan.errors))
+        adopted = drv.adopt(name, change.target)
+        journal = self.journal
+        apply_id = journal.begin("import", f"{key} <- {name}")
+        journal.record_change(apply_id, key.kind, key.tenant, key.name, "import", "applied", None, 0.0)
+        journal.finish(apply_id, "ok", 0.0, {"imported": 1})
+        log.info("imported", resource=str(key), host_object=name)
+        return adopted
 
     def lock(self, what: str = "apply", timeout_s: float | None = None) -> HostLock:
         return HostLock(self.config.stateDir, self.config.lockTimeoutSeconds if timeout_s is None else timeout_s,

@@ -22,10 +22,11 @@ from reconciler.cli.render import (
     render_status,
 )
 from reconciler.controller import Controller
-from reconciler.errors import ReconcilerError, ValidationFailed
+from reconciler.errors import ConfigError, ReconcilerError, ValidationFailed
 from reconciler.graph import to_dot, to_mermaid
 from reconciler.hostconfig import load_host_config
 from reconciler.loader import load
+from reconciler.models import KINDS, Key
 from reconciler.log import configure as configure_logging
 from reconciler.planner import Plan
 from reconciler.schema import write_schemas
@@ -245,6 +246,45 @@ def destroy(
                                parallelism=parallelism, lock_timeout=lock_timeout)
 
     _run(body)
+
+
+@app.command("import")
+def import_(
+    address: str = typer.Argument(..., help="KIND/TENANT/NAME of the resource in the manifests, "
+                                  "e.g. Instance/acme/web-1."),
+    host_object: Optional[str] = typer.Argument(
+        None, help="Name of the host object to adopt (default: the name reconciler would give it)."),
+    paths: list[Path] = typer.Option(..., "--manifests", "-m", help="Manifest files or folders."),
+    lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", min=0),
+    host_config: Optional[str] = HostConfigOpt,
+) -> None:
+    """Adopt a host object that has no reconciler mark as a resource of the manifests.
+
+    Only the mark is written; run `plan` afterwards to see how the object differs from
+    its manifest."""
+    _host_config(host_config)
+
+    def body() -> int:
+        key = _parse_address(address)
+        controller = state.controller()
+        desired = controller.load(paths)
+        with controller.lock("import", lock_timeout):
+            adopted = controller.import_object(desired, key, host_object)
+        where = ", ".join(f"{k}={v}" for k, v in adopted.host.items())
+        out.print(f"Imported {key.display} ({where}). Run `reconciler plan` to see how it differs "
+                  "from the manifest.", soft_wrap=True)
+        return 0
+
+    _run(body)
+
+
+def _parse_address(address: str) -> Key:
+    parts = address.split("/")
+    if len(parts) == 2 and parts[0] == "Tenant":
+        return Key("Tenant", parts[1], parts[1])
+    if len(parts) != 3 or not all(parts) or parts[0] not in KINDS:
+        raise ConfigError(f"{address!r} is not KIND/TENANT/NAME (kinds: {', '.join(KINDS)})")
+    return Key(*parts)
 
 
 class GraphFormat(str, Enum):

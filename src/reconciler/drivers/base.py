@@ -39,3 +39,12 @@ class Driver(Protocol):
     def orphan(self, observed: Observed) -> Observed:
         """Keep the object and its data, flag its mark as orphaned."""
         ...
+
+
+@runtime_checkable
+class Adopting(Protocol):
+    """A driver that can adopt an object without our mark (``reconciler import``)."""
+
+    def adopt(self, host_name: str, target: Target) -> Observed:
+        """Put `target`'s mark on the unmarked object `host_name`; change nothing else."""
+        ...

@@ -129,6 +129,21 @@ class MemoryDriver:
         _write(path, data)
         return Observed(observed.key, observed.identity, observed.spec, mark, observed.host)
 
+    def adopt(self, host_name: str, target: Target) -> Observed:
+        """Mark an unmarked object file as ours; its live spec stays what it was."""
+        path = self.root / target.key.kind / f"{host_name}.json"
+        if "/" in host_name or host_name.startswith("."):
+            raise PermanentError(f"bad host name {host_name!r}")
+        data = _read(path)
+        if data is None:
+            raise NotFound(f"{path} does not exist")
+        if data.get("mark"):
+            raise Conflict(f"{path} already carries a mark")
+        spec = data.get("spec") if isinstance(data.get("spec"), dict) else dict(target.spec)
+        host = {HOST_FIELD[target.key.kind]: host_name, "driver": "memory"}
+        _write(path, {"mark": target.mark.to_dict(), "spec": spec, "host": host})
+        return Observed(target.key, path.stem, spec, target.mark, host)
+
     def _path(self, observed: Observed) -> Path:
         if "/" in observed.identity or observed.identity.startswith("."):
             raise PermanentError(f"bad identity {observed.identity!r}")

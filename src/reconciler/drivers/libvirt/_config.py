@@ -60,10 +60,24 @@ class OwnerMetadata:
     def to_xml(self) -> str:
         return ET.tostring(self.to_element(), encoding="unicode")
 
+    def to_metadata_xml(self) -> str:
+        """The element without a namespace, as `virDomainSetMetadata` wants it (libvirt
+        puts it in our namespace itself)."""
+        elem = self.to_element()
+        for node in elem.iter():
+            node.tag = node.tag.split("}", 1)[-1]
+        return ET.tostring(elem, encoding="unicode")
+
     @classmethod
     def from_element(cls, elem: ET.Element) -> "OwnerMetadata":
+        # children are in our namespace when we built the XML, in none when libvirt's
+        # setMetadata namespaced only the root element
         mark_el = elem.find(f"{{{NS}}}mark")
+        if mark_el is None:
+            mark_el = elem.find("mark")
         spec_el = elem.find(f"{{{NS}}}spec")
+        if spec_el is None:
+            spec_el = elem.find("spec")
         if mark_el is None or spec_el is None:
             raise XMLParseError("our metadata element lacks <mark> or <spec>")
         try:

@@ -30,11 +30,13 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from reconciler import faults
 from reconciler.drivers.libvirt import _disks
 from reconciler.drivers.libvirt._config import (
     DiskConfig,
     DomainConfig,
     InterfaceConfig,
+    NS,
     OwnerMetadata,
     XMLParseError,
 )
@@ -254,7 +256,7 @@ class LibvirtDriver:
             assert cfg.owner is not None
             owner = OwnerMetadata(_redact_mark(mark), cfg.owner.spec)
             with translated(f"flagging {observed.key.display} orphaned"):
-                dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, owner.to_xml(), "rc",
+                dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, owner.to_metadata_xml(), "rc",
                                 owner_namespace(), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         return dataclasses.replace(observed, mark=mark)
 
@@ -271,7 +273,7 @@ class LibvirtDriver:
         stored = _redact_spec(dict(target.spec))
         owner = OwnerMetadata(_redact_mark(target.mark), stored)
         with translated(f"marking domain {unowned_name}"):
-            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, owner.to_xml(), "rc",
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, owner.to_metadata_xml(), "rc",
                             owner_namespace(), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         return self._observe_domain(dom)
 
@@ -417,6 +419,7 @@ class LibvirtDriver:
         config = self._domain_config(target, uuid=None)
         with translated(f"defining domain {name}"):
             dom = conn.defineXML(config.to_xml())
+        faults.point("libvirt.after-define")
         if spec.get("powerState", "running") == "running":
             self._start(dom, key)
         return self._observe_domain(dom)
@@ -428,7 +431,12 @@ class LibvirtDriver:
         name = old.name
         directory = self.settings.instance_dir / name
         running = self._active(dom)
-        new = self._domain_config(target, uuid=old.uuid)
+        _make_dirs(directory)
+        old_root = old.disk(ROOT_TARGET)
+        # an imported domain keeps its own name and root disk
+        root = Path(old_root.source) if old_root is not None else directory / "root.qcow2"
+        new = self._domain_config(target, uuid=old.uuid, name=name, root=root,
+                                  root_format=old_root.format if old_root is not None else "qcow2")
         flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
         if running:
             # hot-plug NICs and volumes (the persistent config follows by defineXML below)
@@ -445,7 +453,6 @@ class LibvirtDriver:
                     dom.attachDeviceFlags(new_nics[mac].to_xml(), flags)
                 for serial in new_disks.keys() - old_disks.keys():
                     dom.attachDeviceFlags(new_disks[serial].to_xml(), flags)
-        root = directory / "root.qcow2"
         header = _disks.read_qcow2_header(root)
         want = int(spec["rootDiskGiB"]) * GIB
         if header is not None and want > header.virtual_size:
@@ -494,13 +501,14 @@ class LibvirtDriver:
 
     # --- instance helpers ------------------------------------------------------------
 
-    def _domain_config(self, target: Target, uuid: str | None) -> DomainConfig:
+    def _domain_config(self, target: Target, uuid: str | None, name: str | None = None,
+                       root: Path | None = None, root_format: str = "qcow2") -> DomainConfig:
         key, spec = target.key, target.spec
-        name = self.host_name(key)
+        name = name or self.host_name(key)
         directory = self.settings.instance_dir / name
         dtype = self.domain_type().type
         disks = [
-            DiskConfig(str(directory / "root.qcow2"), ROOT_TARGET, "qcow2"),
+            DiskConfig(str(root or directory / "root.qcow2"), ROOT_TARGET, root_format),
             DiskConfig(str(directory / "seed.iso"), SEED_TARGET, "raw", device="cdrom", bus="ide",
                        readonly=True),
         ]
@@ -665,8 +673,6 @@ class LibvirtDriver:
 
 
 def owner_namespace() -> str:
-    from reconciler.drivers.libvirt._config import NS
-
     return NS
 
 
