@@ -204,6 +204,19 @@ class Controller:
 
     # --- status ---------------------------------------------------------------------
 
+    def describe_drivers(self) -> dict[str, dict[str, str]]:
+        """Driver name -> what it says about itself (e.g. libvirt's domain type), for status."""
+        out: dict[str, dict[str, str]] = {}
+        for drv in {id(d): d for d in self.drivers.values()}.values():
+            describe = getattr(drv, "describe", None)
+            if describe is None:
+                continue
+            try:
+                out[drv.name] = dict(describe())
+            except ReconcilerError as exc:
+                out[drv.name] = {"error": str(exc)}
+        return out
+
     def status(self, desired: Desired | None) -> list[StatusRow]:
         """Every resource (of the manifests, and every object we own) with its state."""
         observation = self.observe()

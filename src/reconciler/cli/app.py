@@ -336,10 +336,11 @@ def status(
                     sources = candidates
         desired = controller.load(sources) if sources else None
         rows = controller.status(desired)
+        drivers = controller.describe_drivers()
         if as_json:
             sys.stdout.write(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
         else:
-            render_status(out, rows, journal.applies(limit=5))
+            render_status(out, rows, journal.applies(limit=5), drivers)
         return 0
 
     _run(body)

@@ -151,7 +151,8 @@ STATE_STYLE = {"ready": "green", "drifted": "yellow", "pending": "yellow", "miss
                "failed": "red", "conflict": "red", "orphaned": "cyan"}
 
 
-def render_status(console: Console, rows: list[StatusRow], applies: list[dict[str, Any]]) -> None:
+def render_status(console: Console, rows: list[StatusRow], applies: list[dict[str, Any]],
+                  drivers: dict[str, dict[str, str]] | None = None) -> None:
     table = Table(box=None, pad_edge=False, show_edge=False)
     for col in ("KIND", "TENANT", "NAME", "STATE", "HOST", "DETAIL"):
         table.add_column(col, overflow="fold")
@@ -163,6 +164,8 @@ def render_status(console: Console, rows: list[StatusRow], applies: list[dict[st
         console.print(table)
     else:
         console.print("Nothing on this host is managed by reconciler yet.")
+    for name, facts in (drivers or {}).items():
+        console.print(f"Driver {name}: " + ", ".join(f"{k}={v}" for k, v in facts.items()), soft_wrap=True)
     if applies:
         console.print()
         hist = Table(title="Recent applies", box=None, title_justify="left")

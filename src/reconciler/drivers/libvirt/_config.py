@@ -70,8 +70,8 @@ class OwnerMetadata:
 
     @classmethod
     def from_element(cls, elem: ET.Element) -> "OwnerMetadata":
-        # children are in our namespace when we built the XML, in none when libvirt's
-        # setMetadata namespaced only the root element
+        # children are in our namespace (libvirt 9 namespaces them on setMetadata too);
+        # accept un-namespaced ones as well, as older libvirt may store them
         mark_el = elem.find(f"{{{NS}}}mark")
         if mark_el is None:
             mark_el = elem.find("mark")
@@ -169,7 +169,7 @@ class InterfaceConfig:
         return cls(
             mac=(mac.get("address", "") if mac is not None else "").lower(),
             bridge=source.get("bridge", "") if source is not None else "",
-            mtu=int(mtu.get("size", "0")) or None if mtu is not None else None,
+            mtu=_int(mtu.get("size", "0"), "<mtu size>") or None if mtu is not None else None,
             model=model.get("type", "") if model is not None else "",
         )
 
@@ -263,8 +263,8 @@ class DomainConfig:
         if not name:
             raise XMLParseError("domain without a name")
         vcpu = dom.find("vcpu")
-        max_vcpus = int((vcpu.text or "1").strip()) if vcpu is not None else 1
-        vcpus = int(vcpu.get("current", max_vcpus)) if vcpu is not None else 1
+        max_vcpus = _int((vcpu.text or "1").strip(), "<vcpu>") if vcpu is not None else 1
+        vcpus = _int(vcpu.get("current", max_vcpus), "<vcpu current>") if vcpu is not None else 1
         memory_kib = _kib(dom.find("memory")) or 0
         current = _kib(dom.find("currentMemory"))
         os_type = dom.find("os/type")
@@ -319,4 +319,11 @@ def _kib(elem: ET.Element | None) -> int | None:
     factor = _UNITS.get(unit)
     if factor is None:
         raise XMLParseError(f"unknown memory unit {unit!r}")
-    return int(elem.text.strip()) * factor // 1024  # type: ignore[union-attr]
+    return _int(elem.text.strip(), f"<{elem.tag}>") * factor // 1024  # type: ignore[union-attr]
+
+
+def _int(value: object, what: str) -> int:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise XMLParseError(f"{what} is not a whole number: {value!r}") from None

@@ -100,6 +100,11 @@ class LibvirtDriver:
     def host_name(self, key: Key) -> str:
         return host_name(key)
 
+    def describe(self) -> dict[str, str]:
+        """For `reconciler status`: where it connects and which domain type it uses."""
+        chosen = self.domain_type()
+        return {"uri": self.settings.uri, "domainType": chosen.type, "why": chosen.reason}
+
     def domain_type(self) -> DomainType:
         """kvm or qemu, decided once per driver (the probe itself is cached on disk)."""
         with self._type_lock:
@@ -187,9 +192,8 @@ class LibvirtDriver:
             pending = []
             if live.vcpus != cfg.vcpus:
                 pending.append(f"vcpus {live.vcpus}->{cfg.vcpus}")
-            live_mib = (live.current_memory_kib or live.memory_kib) // 1024
-            if live_mib != cfg.memory_kib // 1024:
-                pending.append(f"memoryMiB {live_mib}->{cfg.memory_kib // 1024}")
+            if live.memory_kib < cfg.memory_kib:  # above what it booted with: needs a restart
+                pending.append(f"memoryMiB {live.memory_kib // 1024}->{cfg.memory_kib // 1024}")
             if pending:
                 host["pending"] = ", ".join(pending) + " (applies at restart)"
             if live.memballoon:
@@ -639,8 +643,8 @@ class LibvirtDriver:
         with translated("reading domain XML"):
             cfg = DomainConfig.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
             live = DomainConfig.parse(dom.XMLDesc(0))
-        live_mib = (live.current_memory_kib or live.memory_kib) // 1024
-        return live.vcpus != cfg.vcpus or live_mib != cfg.memory_kib // 1024
+        # memory below the boot maximum was applied live (balloon); above it needs a restart
+        return live.vcpus != cfg.vcpus or live.memory_kib < cfg.memory_kib
 
     def _start(self, dom, key: Key) -> None:
         for nic in DomainConfig.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).interfaces:

@@ -19,6 +19,8 @@ from pathlib import Path
 import pycdlib
 import yaml
 
+from reconciler.errors import PermanentError
+
 
 @dataclass(frozen=True, slots=True)
 class NicSeed:
@@ -74,11 +76,19 @@ class SeedData:
                 return "#cloud-config\n{}\n"
             return "#cloud-config\n" + yaml.safe_dump({"ssh_authorized_keys": keys}, sort_keys=True)
         if keys and self.user_data.startswith("#cloud-config"):
-            body = yaml.safe_load(self.user_data) or {}
+            try:
+                body = yaml.safe_load(self.user_data) or {}
+            except yaml.YAMLError:
+                # never the parser's message: it quotes the (secret) line
+                raise PermanentError(
+                    "userData starts with #cloud-config but is not valid YAML, so the SSH keys "
+                    "cannot be merged into it"
+                ) from None
             if isinstance(body, dict):
-                merged = list(body.get("ssh_authorized_keys") or []) + [
-                    k for k in keys if k not in (body.get("ssh_authorized_keys") or [])
-                ]
+                existing = body.get("ssh_authorized_keys") or []
+                if isinstance(existing, str):
+                    existing = [existing]
+                merged = list(existing) + [k for k in keys if k not in existing]
                 body["ssh_authorized_keys"] = merged
                 return "#cloud-config\n" + yaml.safe_dump(body, sort_keys=True)
         return self.user_data
