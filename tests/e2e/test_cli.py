@@ -883,3 +883,39 @@ def test_every_command_accepts_host_config(command: list[str], cloud: Path, tmp_
     if command[0] == "apply":
         # it used the state directory of that config, not the default
         assert len(list((state / "memory").rglob("*.json"))) > 0
+
+
+# --- import: adopting an object without our mark ---------------------------------------
+
+
+def test_import_adopts_an_unmarked_object_then_plan_shows_its_differences(
+    applied: Path, state_dir: Path
+) -> None:
+    web2 = host_objects(state_dir)[("Instance", "acme", "web-2")]
+    # someone made web-2's object by hand: same name, no mark, other values
+    hand_made = {"spec": {**web2.spec, "vcpus": 3}}
+    web2.path.write_text(json.dumps(hand_made))
+    result = ok(cli("plan", applied), 1)
+    assert "conflict" in (result.stdout + result.stderr)
+    assert json.loads(web2.path.read_text()) == hand_made  # untouched by plan
+
+    result = ok(cli("import", "Instance/acme/web-2", "-m", applied))
+    assert "Imported Instance acme/web-2" in result.stdout
+    assert json.loads(web2.path.read_text())["mark"]["name"] == "web-2"
+    assert json.loads(web2.path.read_text())["spec"]["vcpus"] == 3  # only the mark was written
+
+    result = ok(cli("plan", applied, "--detailed-exitcode"), 2)
+    assert "vcpus: 3 -> " in result.stdout.replace("~ ", "")
+    ok(cli("apply", applied, "--yes"))
+    assert_no_changes(applied)
+
+
+def test_import_refuses_what_it_cannot_adopt(applied: Path, state_dir: Path) -> None:
+    before = snapshot(state_dir)
+    result = ok(cli("import", "Instance/acme/web-2", "-m", applied), 1)
+    assert "already managed" in result.stderr
+    result = ok(cli("import", "Instance/acme/nope", "-m", applied), 1)
+    assert "not in the manifests" in result.stderr
+    result = ok(cli("import", "Bogus/acme/x", "-m", applied), 1)
+    assert "is not KIND/TENANT/NAME" in result.stderr
+    assert snapshot(state_dir) == before
