@@ -52,9 +52,12 @@ demo-clean: setup
 	RECONCILER_HOST_CONFIG=$(DEMO_CONFIG) $(VENV)/bin/reconciler destroy manifests --yes
 	rm -rf .demo-state
 
-## Planner benchmark on generated clouds; writes docs/benchmarks.md.
+## Planner benchmark on generated clouds; writes docs/benchmarks.md. Then the instances
+## benchmark on the real libvirt driver (root, libvirtd, the test guest: `make services`),
+## which rewrites only its own section of that file.
 bench: setup
 	$(PY) -m benchmarks.plan --sizes 1000 10000 --repeat 5 --write docs/benchmarks.md
+	$(PY) -m benchmarks.instances --repeat 3 --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
