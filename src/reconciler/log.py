@@ -24,6 +24,8 @@ def configure(level: str = "warning", *, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # sys.stderr looked up at each log call, not bound now: a stream replaced and
+        # closed since (typer's CliRunner in tests) must not break later logging
+        logger_factory=lambda *_args: structlog.PrintLogger(file=sys.stderr),
         cache_logger_on_first_use=False,
     )

@@ -42,17 +42,21 @@ class OwnerMetadata:
 
     mark: dict[str, Any]
     spec: dict[str, Any]
+    #: the instance dir of the installation (host config) that manages the domain; None
+    #: in marks written before it was recorded. Another installation on the same libvirtd
+    #: (another state dir: a test, a benchmark) must leave the domain alone.
+    home: str | None = None
 
     def to_element(self) -> ET.Element:
-        root = ET.Element(
-            f"{{{NS}}}instance",
-            {
-                "kind": str(self.mark.get("kind", "")),
-                "tenant": str(self.mark.get("tenant", "")),
-                "name": str(self.mark.get("name", "")),
-                "specHash": str(self.mark.get("specHash", "")),
-            },
-        )
+        attrs = {
+            "kind": str(self.mark.get("kind", "")),
+            "tenant": str(self.mark.get("tenant", "")),
+            "name": str(self.mark.get("name", "")),
+            "specHash": str(self.mark.get("specHash", "")),
+        }
+        if self.home:
+            attrs["home"] = self.home
+        root = ET.Element(f"{{{NS}}}instance", attrs)
         ET.SubElement(root, f"{{{NS}}}mark").text = json.dumps(self.mark, sort_keys=True)
         ET.SubElement(root, f"{{{NS}}}spec").text = json.dumps(self.spec, sort_keys=True)
         return root
@@ -87,7 +91,7 @@ class OwnerMetadata:
             raise XMLParseError(f"our metadata is not JSON: {exc}") from None
         if not isinstance(mark, dict) or not isinstance(spec, dict):
             raise XMLParseError("our metadata must hold JSON objects")
-        return cls(mark, spec)
+        return cls(mark, spec, elem.get("home") or None)
 
 
 @dataclass(slots=True)

@@ -138,6 +138,11 @@ class LibvirtDriver:
             if cfg.owner is None or cfg.owner.mark.get("kind") != "Instance":
                 result.unowned.append(Unowned("Instance", name, f"domain {name} has no reconciler mark"))
                 continue
+            if not self._home(cfg):
+                result.unowned.append(Unowned(
+                    "Instance", name, f"domain {name} is managed by another reconciler "
+                    f"installation (instance dir {_home_of(cfg)})"))
+                continue
             try:
                 result.owned.append(self._instance_observed(cfg, live, state))
             except (KeyError, TypeError, ValueError) as exc:
@@ -258,7 +263,7 @@ class LibvirtDriver:
             dom = self._domain(observed)
             cfg = self._ours(dom, observed.key)
             assert cfg.owner is not None
-            owner = OwnerMetadata(_redact_mark(mark), cfg.owner.spec)
+            owner = OwnerMetadata(_redact_mark(mark), cfg.owner.spec, self._home_dir())
             with translated(f"flagging {observed.key.display} orphaned"):
                 dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, owner.to_metadata_xml(), "rc",
                                 owner_namespace(), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
@@ -275,7 +280,7 @@ class LibvirtDriver:
         if cfg.owner is not None:
             raise Conflict(f"domain {unowned_name} already carries a reconciler mark")
         stored = _redact_spec(dict(target.spec))
-        owner = OwnerMetadata(_redact_mark(target.mark), stored)
+        owner = OwnerMetadata(_redact_mark(target.mark), stored, self._home_dir())
         with translated(f"marking domain {unowned_name}"):
             dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, owner.to_metadata_xml(), "rc",
                             owner_namespace(), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
@@ -410,6 +415,9 @@ class LibvirtDriver:
                 )
             if Mark.from_dict(cfg.owner.mark).key != key:
                 raise Conflict(f"{key.display}: domain {name} belongs to another resource")
+            if not self._home(cfg):
+                raise Conflict(f"{key.display}: domain {name} is managed by another reconciler "
+                               f"installation (instance dir {_home_of(cfg)}); not touching it")
             # ours from an interrupted run: bring it to the target instead of a duplicate
             observed = self._observe_domain(existing)
             return self._update_instance(target, observed, ())
@@ -553,7 +561,7 @@ class LibvirtDriver:
             disks=disks,
             interfaces=nics,
             console_log=str(directory / "console.log"),
-            owner=OwnerMetadata(_redact_mark(target.mark), stored),
+            owner=OwnerMetadata(_redact_mark(target.mark), stored, self._home_dir()),
         )
 
     def _write_seed(self, directory: Path, key: Key, spec: Mapping[str, Any],
@@ -624,9 +632,16 @@ class LibvirtDriver:
     def _ours(self, dom, key: Key) -> DomainConfig:
         with translated(f"reading {key.display}"):
             cfg = DomainConfig.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-        if cfg.owner is None or Mark.from_dict(cfg.owner.mark).key != key:
+        if cfg.owner is None or Mark.from_dict(cfg.owner.mark).key != key or not self._home(cfg):
             raise Conflict(f"{key.display}: domain {cfg.name} is no longer ours; not touching it")
         return cfg
+
+    def _home_dir(self) -> str:
+        return str(self.settings.instance_dir)
+
+    def _home(self, cfg: DomainConfig) -> bool:
+        """Whether a marked domain belongs to this installation (this instance dir)."""
+        return _home_of(cfg) == self._home_dir()
 
     def _observe_domain(self, dom) -> Observed:
         with translated("reading a domain"):
@@ -674,6 +689,15 @@ class LibvirtDriver:
                 except libvirt.libvirtError as exc:
                     if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
                         raise
+
+
+def _home_of(cfg: DomainConfig) -> str | None:
+    """The instance dir of the installation that marked the domain: recorded in the mark;
+    for a mark from before it was, the folder its root disk's folder is in."""
+    if cfg.owner is not None and cfg.owner.home:
+        return cfg.owner.home
+    root = cfg.disk(ROOT_TARGET)
+    return str(Path(root.source).parent.parent) if root is not None and root.source else None
 
 
 def owner_namespace() -> str:
