@@ -16,7 +16,7 @@ import networkx as nx
 import structlog
 
 from reconciler.dependencies import build_graph
-from reconciler.drivers.base import Adopting, Driver
+from reconciler.drivers.base import Adopting, Describing, Driver
 from reconciler.drivers.registry import build_drivers
 from reconciler.errors import ReconcilerError, ValidationFailed
 from reconciler.executor import ApplyResult, Executor, Outcome, observe_all
@@ -208,11 +208,10 @@ class Controller:
         """Driver name -> what it says about itself (e.g. libvirt's domain type), for status."""
         out: dict[str, dict[str, str]] = {}
         for drv in {id(d): d for d in self.drivers.values()}.values():
-            describe = getattr(drv, "describe", None)
-            if describe is None:
+            if not isinstance(drv, Describing):
                 continue
             try:
-                out[drv.name] = dict(describe())
+                out[drv.name] = dict(drv.describe())
             except ReconcilerError as exc:
                 out[drv.name] = {"error": str(exc)}
         return out

@@ -22,7 +22,7 @@ import structlog
 
 from reconciler.drivers.base import Driver
 from reconciler.errors import DriverError, StalePlan, TransientError
-from reconciler.models import KINDS, Key
+from reconciler.models import Key
 from reconciler.planner import Action, Change, Plan
 from reconciler.state import Observation, Observed, Target
 
@@ -261,21 +261,10 @@ class Executor:
 
     def _with_related(self, target: Target | None) -> Target | None:
         """The target with the current host objects of the resources it references."""
-        if target is None:
-            return None
-        model = KINDS.get(target.key.kind)
-        if model is None:
+        if target is None or not target.references:
             return target
-        try:
-            spec = model.model_validate(dict(target.spec))
-        except Exception:  # noqa: BLE001 - a spec that does not parse has no references
-            return target
-        related = {}
         with self._current_lock:
-            for ref in spec.references(target.key.tenant):
-                key = Key(ref.kind, ref.tenant, ref.name)
-                if key in self._current:
-                    related[key] = self._current[key]
+            related = {k: self._current[k] for k in target.references if k in self._current}
         return dataclasses.replace(target, related=related)
 
     def _record(self, observed: Observed | None) -> None:

@@ -119,8 +119,10 @@ class Target:
     key: Key
     spec: Mapping[str, Any]
     mark: Mark
-    #: what the host has for the resources this one references (its network's bridge,
-    #: its volumes' device paths), filled by the executor at apply time
+    #: the resources this one references (its image, networks, volumes), from the plan
+    references: tuple[Key, ...] = ()
+    #: what the host has for those (a network's bridge, a volume's device path), filled
+    #: in by the executor at apply time
     related: Mapping[Key, Observed] = field(default_factory=dict, compare=False)
 
 

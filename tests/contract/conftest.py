@@ -17,12 +17,12 @@ from typing import Any, Iterator
 
 import pytest
 
+from hostcheck import TEST_IMAGE, require_host
 from reconciler.models import KINDS, Key
 from reconciler.models._resource import spec_hash
 from reconciler.naming import host_name
 from reconciler.state import Mark, Observed, Target
 
-TEST_IMAGE = Path(os.environ.get("RECONCILER_TEST_IMAGE", "/var/lib/reconciler/images/tiny.qcow2"))
 #: libvirt's QEMU runs as another user: test files live where it can reach them
 TEST_ROOT = Path("/var/lib/reconciler/test-tmp")
 
@@ -137,22 +137,6 @@ class LibvirtHarness:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _libvirt_ready() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    if shutil.which("virsh") is None:
-        return "virsh is not installed (make setup)"
-    if _run("virsh", "-c", "qemu:///system", "version").returncode != 0:
-        return "libvirtd is not running (make setup)"
-    if not TEST_IMAGE.exists():
-        return f"no test image at {TEST_IMAGE} (scripts/build-test-image.sh)"
-    try:
-        import libvirt  # noqa: F401
-    except ImportError:
-        return "libvirt-python is not installed"
-    return None
-
-
 @pytest.fixture(params=["memory", "libvirt"])
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     tenant = "rctest" + secrets.token_hex(3)
@@ -160,9 +144,7 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         h: Any = MemoryHarness(tmp_path)
         Path(h.image_source).write_bytes(b"QFI\xfb" + bytes(100))
     else:
-        reason = _libvirt_ready()
-        if reason:
-            pytest.skip(reason)
+        require_host()
         TEST_ROOT.mkdir(parents=True, exist_ok=True)
         os.chmod(TEST_ROOT, 0o755)
         root = TEST_ROOT / tenant

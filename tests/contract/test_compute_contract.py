@@ -67,9 +67,8 @@ def test_image_create_observe_delete(harness: Any) -> None:
     assert observed(harness.driver, t.key) == []
 
 
+@pytest.mark.parametrize("harness", ["libvirt"], indirect=True)  # the fake reads no files
 def test_image_checksum_mismatch_is_refused(harness: Any) -> None:
-    if harness.name == "memory":
-        pytest.skip("the memory driver does not read image files")
     t = target("Image", harness.tenant, "tiny", source=harness.image_source, sha256="0" * 64)
     with pytest.raises(PermanentError, match="checksum"):
         harness.driver.create(t)
@@ -201,3 +200,23 @@ def test_orphan_flags_the_mark(harness: Any) -> None:
     harness.driver.create(t)
     harness.driver.orphan(only(harness.driver, t.key))
     assert only(harness.driver, t.key).mark.orphaned
+
+
+@pytest.mark.parametrize("harness", ["libvirt"], indirect=True)  # one state dir per fake
+def test_a_marked_domain_of_another_installation_is_not_ours(harness: Any) -> None:
+    from reconciler.drivers.libvirt import LibvirtDriver
+
+    image = make_image(harness)
+    t = with_related(harness, instance(harness), image)
+    harness.driver.create(t)
+    other = LibvirtDriver(dataclasses.replace(harness.driver.settings,
+                                              instance_dir=harness.root / "elsewhere"))
+    seen = other.observe()
+    assert not [o for o in seen.owned if o.key == t.key]
+    name = harness.driver.host_name(t.key)
+    assert any(u.host_name == name and "another reconciler installation" in u.detail for u in seen.unowned)
+    with pytest.raises(Conflict, match="another reconciler installation"):
+        other.create(t)
+    with pytest.raises(Conflict):
+        other.delete(only(harness.driver, t.key))
+    assert len(observed(harness.driver, t.key)) == 1  # still there, still the first one's

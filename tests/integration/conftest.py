@@ -14,7 +14,6 @@ nothing else on the host.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import ipaddress
 import json
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from hostcheck import require_host
 from reconciler.models import Key
 from reconciler.naming import host_name
 
@@ -47,23 +47,6 @@ RECONCILER = REPO / ".venv" / "bin" / "reconciler"
 TENANT_PREFIX = "rctest"
 # one third octet per test environment, 10.253.X.0/24, picked among the unused ones
 SUBNET_BASE = "10.253"
-
-
-@functools.lru_cache(maxsize=1)
-def skip_reasons() -> tuple[str, ...]:
-    """Why host integration tests cannot run here (empty: they can)."""
-    reasons = []
-    if os.geteuid() != 0:
-        reasons.append("needs root (bridges, libvirt system domains)")
-    if shutil.which("virsh") is None:
-        reasons.append("virsh missing: run scripts/setup-libvirt.sh")
-    elif run(*VIRSH, "version", check=False, timeout=20).returncode != 0:
-        reasons.append(f"libvirtd does not answer at {URI}: run scripts/setup-libvirt.sh")
-    if not IMAGE.exists():
-        reasons.append(f"{IMAGE} missing: run scripts/build-test-image.sh")
-    if not RECONCILER.exists():
-        reasons.append(f"{RECONCILER} missing: install the project into .venv")
-    return tuple(reasons)
 
 
 def run(*args: str, check: bool = True, timeout: float = 120,
@@ -274,9 +257,9 @@ def _make_dir(path: Path) -> None:
 
 @contextmanager
 def host_env(domain_type: str = "qemu", shutdown_timeout: float = 10) -> Iterator[HostEnv]:
-    reasons = skip_reasons()
-    if reasons:
-        pytest.skip("; ".join(reasons))
+    require_host()
+    if not RECONCILER.exists():
+        pytest.fail(f"{RECONCILER} missing: install the project into .venv", pytrace=False)
     tenant = f"{TENANT_PREFIX}{secrets.token_hex(4)}"
     _make_dir(TEST_TMP.parent)
     _make_dir(TEST_TMP)

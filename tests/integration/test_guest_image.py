@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hostcheck import require_host
 
 IMAGE = Path(os.environ.get("RECONCILER_TEST_IMAGE", "/var/lib/reconciler/images/tiny.qcow2"))
 # libvirt's QEMU (user libvirt-qemu) must reach the files: pytest's tmp dirs are 0700.
@@ -29,16 +30,12 @@ VIRSH = ["virsh", "-q", "-c", "qemu:///system"]
 BOOT_TIMEOUT = 90.0
 SHUTDOWN_TIMEOUT = 30.0
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bridges, libvirt system domains)"),
-    pytest.mark.skipif(
-        shutil.which("virsh") is None, reason="virsh missing: run scripts/setup-libvirt.sh"
-    ),
-    pytest.mark.skipif(
-        not IMAGE.exists(), reason=f"{IMAGE} missing: run scripts/build-test-image.sh"
-    ),
-]
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def _real_host() -> None:
+    require_host()
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -51,7 +48,7 @@ def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def make_seed_iso(path: Path, files: dict[str, str]) -> None:
     """A NoCloud seed: ISO9660 labelled cidata, Rock Ridge and Joliet names."""
-    pycdlib = pytest.importorskip("pycdlib")
+    import pycdlib
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
     for name, text in files.items():

@@ -799,3 +799,32 @@ def test_on_start_and_on_done_see_every_change_once(
     assert sorted(started) == sorted(c.id for c in the_plan.actionable if c.id not in skipped)
     # outcomes come back in plan order
     assert [o.change.id for o in result.outcomes] == [c.id for c in the_plan.actionable]
+
+
+# --- references: each target gets the current host objects of what it references ------
+
+
+def test_targets_get_the_host_objects_they_reference(
+    drivers: dict[str, FaultyDriver], faulty: FaultyDriver, example: Desired
+) -> None:
+    seen: dict[str, dict[str, str]] = {}
+    inner_create = faulty.inner.create
+
+    def create(target: Target) -> Observed:
+        seen[str(target.key)] = {str(k): o.identity for k, o in target.related.items()}
+        return inner_create(target)
+
+    faulty.inner.create = create  # type: ignore[method-assign]
+    the_plan = plan_for(example, drivers)
+    assert Executor(drivers, sleep=no_sleep).apply(the_plan).ok
+    host = {str(o.key): o.identity for o in observe(drivers).owned}
+    web1 = example.get(Key("Instance", "acme", "web-1"))
+    assert web1 is not None
+    wanted = {str(Key(r.kind, r.tenant, r.name)) for r in web1.spec.references("acme")}
+    # created earlier in the same apply: handed over with what the driver returned
+    assert seen["Instance/acme/web-1"] == {k: host[k] for k in wanted}
+    assert "Tenant/acme/acme" not in seen["Instance/acme/web-1"]  # only references
+    # a plan read back from JSON keeps the references
+    again = Plan.from_dict(the_plan.to_dict(redact=False))
+    change = next(c for c in again if str(c.key) == "Instance/acme/web-1")
+    assert change.target is not None and {str(k) for k in change.target.references} == wanted

@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from hostcheck import require_host
 
 from reconciler.drivers.libvirt._config import (
     NS,
@@ -838,23 +839,9 @@ def _virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
                           timeout=60, check=check)
 
 
-def _libvirt_reachable() -> str | None:
-    if VIRSH is None:
-        return "virsh is not installed"
-    try:
-        proc = _virsh("uri", check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"virsh failed: {exc}"
-    if proc.returncode != 0:
-        return f"libvirt at {URI} is not reachable: {proc.stderr.strip()}"
-    return None
-
-
 def test_live_libvirt_round_trip(tmp_path: Path) -> None:
     """Define what we build, read libvirt's normalised XML back, compare, undefine."""
-    why = _libvirt_reachable()
-    if why:
-        pytest.skip(why)
+    require_host()
     name = f"rctest-u-{uuid.uuid4().hex[:10]}"
     for f in ("root.qcow2", "seed.iso", "data.raw"):
         (tmp_path / f).write_bytes(b"")
@@ -890,9 +877,7 @@ def test_live_libvirt_round_trip(tmp_path: Path) -> None:
 
 def test_live_libvirt_set_metadata(tmp_path: Path) -> None:
     """Mark a domain the way adopt/orphan do (setMetadata), read it back, undefine."""
-    why = _libvirt_reachable()
-    if why:
-        pytest.skip(why)
+    require_host()
     name = f"rctest-u-{uuid.uuid4().hex[:10]}"
     plain = DomainConfig(name=name, disks=[DiskConfig(str(tmp_path / "root.qcow2"), "vda")])
     xml_file = tmp_path / "domain.xml"
@@ -907,3 +892,12 @@ def test_live_libvirt_set_metadata(tmp_path: Path) -> None:
     finally:
         _virsh("undefine", name, check=False)
     assert parsed.owner == owner
+
+
+def test_owner_home_round_trips_in_both_forms() -> None:
+    owner = OwnerMetadata({"kind": "Instance", "tenant": "t", "name": "n", "specHash": "h"}, {"vcpus": 1},
+                          "/var/lib/reconciler/libvirt/instances")
+    cfg = DomainConfig(name="rc-x", owner=owner)
+    assert DomainConfig.parse(cfg.to_xml()).owner.home == owner.home
+    plain = ET.fromstring(owner.to_metadata_xml())  # what setMetadata gets
+    assert plain.get("home") == owner.home

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from reconciler.drivers.libvirt._driver import (
+    _static_address,
     MAX_ROOT_GIB,
     REDACTED,
     SENSITIVE_FIELDS,
@@ -22,10 +23,10 @@ from reconciler.drivers.libvirt._driver import (
     _volume_serial,
 )
 from reconciler.drivers.libvirt._host import libvirt
-from reconciler.errors import PermanentError
+from reconciler.errors import PermanentError, TransientError
 from reconciler.models import Key
 from reconciler.naming import host_name
-from reconciler.state import Mark
+from reconciler.state import Mark, Observed
 
 SECRET = "#cloud-config\npassword: hunter2-secret\n"
 HASH = "sha256:" + hashlib.sha256(SECRET.encode()).hexdigest()
@@ -193,3 +194,31 @@ def test_max_root_disk_matches_the_model_limit() -> None:
     meta = InstanceSpec.model_fields["rootDiskGiB"].metadata
     le = [m.le for m in meta if hasattr(m, "le")]
     assert le == [MAX_ROOT_GIB]
+
+
+# --- a fixed IP as the guest configures it ---------------------------------------------
+
+
+
+def _network(tenant: str, name: str, subnets: list[dict[str, object]]) -> Observed:
+    key = Key("Network", tenant, name)
+    return Observed(key, "rc-x", {"type": "flat", "subnets": subnets}, Mark(key, "h", {}), {})
+
+
+def test_static_address_takes_prefix_gateway_and_dns_of_its_subnet() -> None:
+    net = _network("acme", "web", [{"cidr": "10.0.0.0/24"},
+                                   {"cidr": "10.1.0.0/16", "gateway": "10.1.0.254", "dnsServers": ["10.1.0.53"]}])
+    key = Key("Instance", "acme", "vm")
+    address, gateway, dns = _static_address(key, 0, {"network": "web", "ip": "10.1.2.3"}, {net.key: net})
+    assert (str(address), str(gateway), [str(d) for d in dns]) == ("10.1.2.3/16", "10.1.0.254", ["10.1.0.53"])
+    address, gateway, dns = _static_address(key, 0, {"network": "web", "ip": "10.0.0.9"}, {net.key: net})
+    assert (str(address), str(gateway), dns) == ("10.0.0.9/24", "10.0.0.1", ())
+
+
+def test_static_address_outside_every_subnet_names_the_field() -> None:
+    net = _network("acme", "web", [{"cidr": "10.0.0.0/24"}])
+    key = Key("Instance", "acme", "vm")
+    with pytest.raises(PermanentError, match=r"Instance acme/vm: spec.networks\[1\].ip 192.0.2.1 is in no subnet"):
+        _static_address(key, 1, {"network": "web", "ip": "192.0.2.1"}, {net.key: net})
+    with pytest.raises(TransientError, match="network acme/other is not on this host"):
+        _static_address(key, 0, {"network": "other", "ip": "10.0.0.5"}, {net.key: net})

@@ -48,3 +48,10 @@ class Adopting(Protocol):
     def adopt(self, host_name: str, target: Target) -> Observed:
         """Put `target`'s mark on the unmarked object `host_name`; change nothing else."""
         ...
+
+
+@runtime_checkable
+class Describing(Protocol):
+    """A driver with facts worth showing in ``reconciler status`` (e.g. its domain type)."""
+
+    def describe(self) -> dict[str, str]: ...

@@ -14,11 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from reconciler.errors import Conflict, NotFound, PermanentError
+from reconciler.fileio import write_atomic
 from reconciler.models import KINDS, Key
 from reconciler.naming import host_name
 from reconciler.state import FieldDiff, Mark, Observation, Observed, Target, Unowned
@@ -179,11 +179,4 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def _write(path: Path, data: dict[str, Any]) -> None:
     """Atomic, private (0600: specs may hold userData)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, sort_keys=True))

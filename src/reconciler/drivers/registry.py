@@ -21,13 +21,13 @@ def build_drivers(config: HostConfig) -> dict[str, Driver]:
                 kinds = tuple(k for k, n in names.items() if n == "memory")
                 instances[name] = MemoryDriver(config.stateDir / "memory", kinds)
             elif name == "libvirt":
-                if kind not in LibvirtDriver.kinds:
-                    raise ConfigError(f"drivers: {kind}: the libvirt driver realises only "
-                                      + ", ".join(LibvirtDriver.kinds))
                 instances[name] = LibvirtDriver(libvirt_settings(config))
             else:
                 missing.append(f"{kind}: {name}")
                 continue
+        if kind not in instances[name].kinds:
+            raise ConfigError(f"host config: drivers: {kind}: the {name} driver realises only "
+                              + ", ".join(instances[name].kinds))
         out[kind] = instances[name]
     if missing:
         raise ConfigError(

@@ -84,7 +84,8 @@ class Change:
             data["target"] = (
                 None
                 if self.target is None
-                else {"spec": dict(self.target.spec), "mark": self.target.mark.to_dict()}
+                else {"spec": dict(self.target.spec), "mark": self.target.mark.to_dict(),
+                      "references": [str(k) for k in self.target.references]}
             )
             data["observed"] = [o.to_dict() for o in self.observed]
         return data
@@ -99,7 +100,10 @@ class Change:
             reason=data["reason"],
             disruption=Disruption(data["disruption"]),
             diffs=tuple(FieldDiff.from_dict(d) for d in data.get("diffs", [])),
-            target=None if target is None else Target(key, target["spec"], Mark.from_dict(target["mark"])),
+            target=None if target is None else Target(
+                key, target["spec"], Mark.from_dict(target["mark"]),
+                tuple(Key.parse(k) for k in target.get("references", [])),
+            ),
             observed=tuple(Observed.from_dict(o) for o in data.get("observed", [])),
             notes=tuple(data.get("notes", [])),
             create_before_destroy=bool(data.get("createBeforeDestroy", False)),

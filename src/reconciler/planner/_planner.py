@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import networkx as nx
 
@@ -103,13 +103,18 @@ def _mark(res: Resource) -> Mark:
     return Mark(res.key, res.spec_hash, res.spec_set, depends_on=tuple(res.metadata.dependsOn))
 
 
+def _target(res: Resource, spec: Mapping[str, Any]) -> Target:
+    references = tuple(dict.fromkeys(Key(r.kind, r.tenant, r.name) for r in res.spec.references(res.key.tenant)))
+    return Target(res.key, spec, _mark(res), references)
+
+
 def _create(res: Resource, allocator: "_Allocator") -> Change:
     spec = allocator.fill(res)
     return Change(
         key=res.key,
         action=Action.CREATE,
         reason="not on the host",
-        target=Target(res.key, spec, _mark(res)),
+        target=_target(res, spec),
         create_before_destroy=KINDS[res.key.kind].create_before_destroy,
         source=f"{res.source.file}:{res.source.line}",
     )
@@ -145,10 +150,10 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
     if not diffs:
         if primary.mark.orphaned:
             return Change(action=Action.UPDATE, reason="back in the manifests (was orphaned): adopted again",
-                          target=Target(res.key, target, _mark(res)), **common)
+                          target=_target(res, target), **common)
         if len(found) > 1:
             return Change(action=Action.UPDATE, reason=f"{len(found) - 1} duplicate host object(s) to remove",
-                          target=Target(res.key, target, _mark(res)), **common)
+                          target=_target(res, target), **common)
         return Change(action=Action.NOOP, reason="up to date", **common)
     notes: list[str] = []
     diffs = _live(diffs, primary, notes)
@@ -160,7 +165,7 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
         notes.extend(_replace_notes(res.key, graph, model.create_before_destroy))
         return Change(action=Action.REPLACE, reason=f"{fields} forces replacement; {reason}",
                       disruption=Disruption.REPLACE, diffs=tuple(diffs),
-                      target=Target(res.key, target, _mark(res)), notes=tuple(notes), **common)
+                      target=_target(res, target), notes=tuple(notes), **common)
     disruption = Disruption.NONE
     if restart:
         disruption = Disruption.RESTART
@@ -172,7 +177,7 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
     if len(found) > 1:
         notes.append(f"{len(found) - 1} duplicate host object(s) removed")
     return Change(action=Action.UPDATE, reason=reason, disruption=disruption, diffs=tuple(diffs),
-                  target=Target(res.key, target, _mark(res)), notes=tuple(notes), **common)
+                  target=_target(res, target), notes=tuple(notes), **common)
 
 
 def _live(diffs: list[FieldDiff], primary: Observed, notes: list[str]) -> list[FieldDiff]:

@@ -6,7 +6,7 @@ disk's virtual size and backing file without running `qemu-img info` per instanc
 
 from __future__ import annotations
 
-import hashlib
+import json
 import struct
 import subprocess
 from dataclasses import dataclass
@@ -76,15 +76,5 @@ def resize(path: Path, size_gib: int) -> None:
 
 def image_info(path: Path) -> tuple[str, int]:
     """(format, virtual size in bytes) of an image file, as qemu-img sees it."""
-    import json
-
     info = json.loads(qemu_img("info", "--output=json", str(path)))
     return str(info.get("format", "raw")), int(info.get("virtual-size", 0))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -44,7 +44,9 @@ from reconciler.drivers.libvirt._host import Host, libvirt, translated
 from reconciler.drivers.libvirt._probe import DomainType, choose_domain_type
 from reconciler.drivers.libvirt._seed import NicSeed, SeedData, write_seed_iso
 from reconciler.errors import Conflict, NotFound, PermanentError, TransientError
+from reconciler.fileio import write_atomic
 from reconciler.models import Key, UpdatePolicy
+from reconciler.models.network import NetworkSpec, gateway_of
 from reconciler.naming import host_name, mac_address
 from reconciler.state import FieldDiff, Mark, Observation, Observed, Target, Unowned
 
@@ -141,7 +143,7 @@ class LibvirtDriver:
             if not self._home(cfg):
                 result.unowned.append(Unowned(
                     "Instance", name, f"domain {name} is managed by another reconciler "
-                    f"installation (instance dir {_home_of(cfg)})"))
+                    f"installation (instance dir {cfg.owner.home})"))
                 continue
             try:
                 result.owned.append(self._instance_observed(cfg, live, state))
@@ -266,7 +268,7 @@ class LibvirtDriver:
             owner = OwnerMetadata(_redact_mark(mark), cfg.owner.spec, self._home_dir())
             with translated(f"flagging {observed.key.display} orphaned"):
                 dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, owner.to_metadata_xml(), "rc",
-                                owner_namespace(), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+                                NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         return dataclasses.replace(observed, mark=mark)
 
     def adopt(self, unowned_name: str, target: Target) -> Observed:
@@ -283,7 +285,7 @@ class LibvirtDriver:
         owner = OwnerMetadata(_redact_mark(target.mark), stored, self._home_dir())
         with translated(f"marking domain {unowned_name}"):
             dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, owner.to_metadata_xml(), "rc",
-                            owner_namespace(), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+                            NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         return self._observe_domain(dom)
 
     # --- images ----------------------------------------------------------------------
@@ -407,17 +409,7 @@ class LibvirtDriver:
         conn = self.host.conn()
         existing = self._lookup(name)
         if existing is not None:
-            cfg = DomainConfig.parse(existing.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            if cfg.owner is None:
-                raise Conflict(
-                    f"{key.display}: a domain named {name} exists without our mark; not touching "
-                    f"it (remove it, or adopt it with `reconciler import`)"
-                )
-            if Mark.from_dict(cfg.owner.mark).key != key:
-                raise Conflict(f"{key.display}: domain {name} belongs to another resource")
-            if not self._home(cfg):
-                raise Conflict(f"{key.display}: domain {name} is managed by another reconciler "
-                               f"installation (instance dir {_home_of(cfg)}); not touching it")
+            self._ours(existing, key)
             # ours from an interrupted run: bring it to the target instead of a duplicate
             observed = self._observe_domain(existing)
             return self._update_instance(target, observed, ())
@@ -567,23 +559,10 @@ class LibvirtDriver:
     def _write_seed(self, directory: Path, key: Key, spec: Mapping[str, Any],
                     related: Mapping[Key, Observed], instance_id: str) -> None:
         nics = []
-        for nic in spec.get("networks") or []:
-            net = related.get(Key("Network", key.tenant, nic["network"]))
-            address = gateway = None
-            dns: tuple[IPv4Address, ...] = ()
-            subnets = (net.spec.get("subnets") if net is not None else None) or []
-            if nic.get("ip") and subnets:
-                ip = IPv4Address(nic["ip"])
-                for subnet in subnets:
-                    cidr = IPv4Interface(f"{ip}/{IPv4Interface(subnet['cidr']).network.prefixlen}")
-                    if cidr.network == IPv4Interface(subnet["cidr"]).network:
-                        address = cidr
-                        gw = subnet.get("gateway") or str(cidr.network.network_address + 1)
-                        gateway = IPv4Address(gw)
-                        dns = tuple(IPv4Address(d) for d in subnet.get("dnsServers") or [])
-                        break
-            elif nic.get("ip"):
-                address = IPv4Interface(f"{nic['ip']}/24")  # no subnet known: a /24 around it
+        for i, nic in enumerate(spec.get("networks") or []):
+            address, gateway, dns = None, None, ()
+            if nic.get("ip"):
+                address, gateway, dns = _static_address(key, i, nic, related)
             bridge = _bridge_of(key.tenant, nic["network"], related)
             nics.append(NicSeed(mac_address(key.tenant, key.name, nic["network"]), address,
                                 gateway if not nics else None, _bridge_mtu(bridge), dns))
@@ -599,7 +578,7 @@ class LibvirtDriver:
         if sidecar.exists() and (directory / "seed.iso").exists() and sidecar.read_text() == text:
             return  # unchanged: keep the ISO (the guest may have it open)
         write_seed_iso(directory / "seed.iso", seed)
-        _write_text(sidecar, text, mode=0o600)
+        write_atomic(sidecar, text, 0o600)
 
     def _instance_id(self, directory: Path) -> str:
         data = _read_json(directory / "seed.json") or {}
@@ -632,16 +611,23 @@ class LibvirtDriver:
     def _ours(self, dom, key: Key) -> DomainConfig:
         with translated(f"reading {key.display}"):
             cfg = DomainConfig.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-        if cfg.owner is None or Mark.from_dict(cfg.owner.mark).key != key or not self._home(cfg):
-            raise Conflict(f"{key.display}: domain {cfg.name} is no longer ours; not touching it")
-        return cfg
+        if cfg.owner is None:
+            problem = ("has no reconciler mark (remove it, or adopt it with "
+                       f"`reconciler import {key} {cfg.name} -m MANIFESTS`)")
+        elif Mark.from_dict(cfg.owner.mark).key != key:
+            problem = f"belongs to {Mark.from_dict(cfg.owner.mark).key.display}"
+        elif not self._home(cfg):
+            problem = f"is managed by another reconciler installation (instance dir {cfg.owner.home})"
+        else:
+            return cfg
+        raise Conflict(f"{key.display}: domain {cfg.name} {problem}; not touching it")
 
     def _home_dir(self) -> str:
         return str(self.settings.instance_dir)
 
     def _home(self, cfg: DomainConfig) -> bool:
         """Whether a marked domain belongs to this installation (this instance dir)."""
-        return _home_of(cfg) == self._home_dir()
+        return cfg.owner is not None and cfg.owner.home == self._home_dir()
 
     def _observe_domain(self, dom) -> Observed:
         with translated("reading a domain"):
@@ -691,19 +677,6 @@ class LibvirtDriver:
                         raise
 
 
-def _home_of(cfg: DomainConfig) -> str | None:
-    """The instance dir of the installation that marked the domain: recorded in the mark;
-    for a mark from before it was, the folder its root disk's folder is in."""
-    if cfg.owner is not None and cfg.owner.home:
-        return cfg.owner.home
-    root = cfg.disk(ROOT_TARGET)
-    return str(Path(root.source).parent.parent) if root is not None and root.source else None
-
-
-def owner_namespace() -> str:
-    return NS
-
-
 _STATE_NAMES = {}
 if libvirt is not None:
     _STATE_NAMES = {
@@ -725,6 +698,21 @@ def _power_state(state: int) -> str:
     if name in ("paused", "suspended"):
         return name  # neither running nor stopped: the plan shows it and resumes or stops it
     return "stopped"
+
+
+def _static_address(key: Key, index: int, nic: Mapping[str, Any], related: Mapping[Key, Observed]
+                    ) -> tuple[IPv4Interface, IPv4Address, tuple[IPv4Address, ...]]:
+    """A fixed IP as the guest configures it: with its subnet's prefix, gateway and DNS."""
+    where = f"{key.display}: spec.networks[{index}].ip {nic['ip']}"
+    net = related.get(Key("Network", key.tenant, nic["network"]))
+    if net is None:
+        raise TransientError(f"{where}: network {key.tenant}/{nic['network']} is not on this host (yet)")
+    ip = IPv4Address(nic["ip"])
+    for subnet in NetworkSpec.model_validate(dict(net.spec)).subnets:
+        if ip in subnet.cidr:
+            return (IPv4Interface(f"{ip}/{subnet.cidr.prefixlen}"), gateway_of(subnet),
+                    tuple(subnet.dnsServers))
+    raise PermanentError(f"{where} is in no subnet of network {key.tenant}/{nic['network']}")
 
 
 def _volume_serial(tenant: str, volume: str) -> str:
@@ -817,16 +805,4 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: Mapping[str, Any], mode: int) -> None:
-    _write_text(path, json.dumps(data, sort_keys=True), mode)
-
-
-def _write_text(path: Path, text: str, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, sort_keys=True), mode)

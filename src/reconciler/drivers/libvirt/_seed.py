@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -20,6 +18,7 @@ import pycdlib
 import yaml
 
 from reconciler.errors import PermanentError
+from reconciler.fileio import write_atomic
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +119,4 @@ def build_iso(seed: SeedData) -> bytes:
 
 def write_seed_iso(path: Path, seed: SeedData) -> None:
     """Write the ISO atomically, readable by its owner only (it holds user-data)."""
-    data = build_iso(seed)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".seed-", suffix=".iso")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, build_iso(seed), 0o600)

@@ -1,0 +1,24 @@
+"""Atomic file writes: a temporary file in the same folder, then a rename.
+
+A process killed mid-write leaves the old file or the new one, never half of one; the
+temporary name starts with `.tmp-`, which readers skip.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o600) -> None:
+    """Write `data` to `path` atomically with permission `mode` (private by default)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
