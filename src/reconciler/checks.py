@@ -17,7 +17,7 @@ from reconciler.errors import Problem, format_path
 from reconciler.graph import find_cycles
 from reconciler.models import KINDS, Desired, Key, Resource
 from reconciler.models.instance import InstanceSpec
-from reconciler.models.network import NetworkSpec, dhcp_range_of, gateway_of
+from reconciler.models.network import NetworkSpec, dhcp_range_of, dhcp_server_of, gateway_of
 from reconciler.models.router import RouterSpec
 from reconciler.models.tenant import TenantSpec
 from reconciler.models.volume import VolumeSpec
@@ -55,6 +55,8 @@ def check_subnets(desired: Desired) -> Iterator[Problem]:
                 yield problem(res, base + ("gateway",), f"gateway {gw} is outside the subnet {net}")
             elif gw in (net.network_address, net.broadcast_address):
                 yield problem(res, base + ("gateway",), f"gateway {gw} is the network or broadcast address of {net}")
+            if not subnet.dhcp.enabled:
+                continue
             start, end = dhcp_range_of(subnet)
             for name, addr in (("start", start), ("end", end)):
                 if addr not in net or addr in (net.network_address, net.broadcast_address):
@@ -64,8 +66,14 @@ def check_subnets(desired: Desired) -> Iterator[Problem]:
                     )
             if start > end:
                 yield problem(res, base + ("dhcp", "start"), f"DHCP range starts at {start}, after its end {end}")
-            elif subnet.dhcp.enabled and start <= gw <= end and gw in net:
+            elif start <= gw <= end and gw in net:
                 yield problem(res, base + ("gateway",), f"gateway {gw} is inside the DHCP range {start}-{end}")
+            elif start in net and end in net and dhcp_server_of(subnet) is None:
+                yield problem(
+                    res, base + ("dhcp", "start"),
+                    f"no address is left for the DHCP server: it takes an address just below "
+                    f"the range {start}-{end} or just above it (not the gateway), and none is free",
+                )
 
 
 # --- across resources -----------------------------------------------------------------
@@ -186,6 +194,8 @@ def check_instance_ports(desired: Desired) -> Iterator[Problem]:
                 yield problem(res, path, f"{nic.ip} is the network or broadcast address of {subnet.cidr}")
             elif nic.ip == gateway_of(subnet):
                 yield problem(res, path, f"{nic.ip} is the gateway of {subnet.cidr}")
+            elif nic.ip == dhcp_server_of(subnet):
+                yield problem(res, path, f"{nic.ip} is the DHCP server's address in {subnet.cidr}")
             slot = (res.key.tenant, nic.network, nic.ip)
             if slot in taken:
                 other, oi = taken[slot]

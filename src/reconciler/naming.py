@@ -24,3 +24,9 @@ def mac_address(tenant: str, instance: str, network: str) -> str:
     DHCP reservation and the guest NIC must agree)."""
     digest = short_hash(tenant, instance, network, length=6)
     return "52:54:00:" + ":".join(digest[i : i + 2] for i in range(0, 6, 2))
+
+
+def tap_name(tenant: str, instance: str, network: str) -> str:
+    """The host-side device of an instance's NIC on a network (`rt-` + 10 hex digits):
+    the instance driver names the tap so, and the network driver's port rules match it."""
+    return "rt-" + short_hash(tenant, instance, network)

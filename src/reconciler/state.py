@@ -63,10 +63,16 @@ class Observed:
     #: fields that can change without a restart, up to this value (e.g. memory up to the
     #: running domain's maximum): the planner classes such a change as in place
     live: Mapping[str, int] = field(default_factory=dict)
+    #: host facts derived from other resources, as found (see :attr:`Target.derived`)
+    derived: Mapping[str, Any] = field(default_factory=dict)
+    #: what the driver found broken on the host that the spec cannot express (a missing
+    #: bridge, a dead dnsmasq, a deleted rule): the next apply repairs it
+    drift: tuple[str, ...] = ()
 
     def fingerprint(self) -> str:
         """Changes whenever the object, its live spec or its mark changes."""
-        text = canonical_json([self.identity, self.spec, self.mark.to_dict()])
+        text = canonical_json([self.identity, self.spec, self.mark.to_dict(), self.derived,
+                               list(self.drift)])
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +83,8 @@ class Observed:
             "mark": self.mark.to_dict(),
             "host": dict(self.host),
             "live": dict(self.live),
+            "derived": dict(self.derived),
+            "drift": list(self.drift),
         }
 
     @classmethod
@@ -88,6 +96,8 @@ class Observed:
             mark=Mark.from_dict(data["mark"]),
             host=data.get("host", {}),
             live=data.get("live", {}),
+            derived=data.get("derived", {}),
+            drift=tuple(data.get("drift", ())),
         )
 
 
@@ -124,6 +134,10 @@ class Target:
     #: what the host has for those (a network's bridge, a volume's device path), filled
     #: in by the executor at apply time
     related: Mapping[Key, Observed] = field(default_factory=dict, compare=False)
+    #: host facts the planner derives from other resources: a network's ports (every
+    #: instance NIC on it: MAC, address, tap, security groups), a security group's
+    #: remote groups resolved to member addresses, a router's external address
+    derived: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

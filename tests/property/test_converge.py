@@ -194,7 +194,7 @@ def clouds(draw: st.DrawFn) -> list[Doc]:
                 nic: dict[str, Any] = {"network": net}
                 cidrs = own[net][0]
                 if cidrs and draw(st.booleans()):
-                    ip = str(cidrs[0].network_address + draw(st.integers(3, 9)))
+                    ip = str(cidrs[0].network_address + draw(st.integers(3, 8)))
                     if ip not in taken_ips[net]:
                         taken_ips[net].add(ip)
                         nic["ip"] = ip

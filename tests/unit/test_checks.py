@@ -164,6 +164,11 @@ SUBNET_CASES = [
         7, "spec.subnets[1].cidr", ["10.1.1.1/32 is too small", "/30"],
         id="subnet-too-small-32",
     ),
+    pytest.param(
+        _network("- cidr: 10.1.0.0/24", "  dhcp: {start: 10.1.0.2, end: 10.1.0.254}"),
+        7, "spec.subnets[0].dhcp.start", ["no address is left for the DHCP server", "10.1.0.2-10.1.0.254"],
+        id="no-room-for-the-dhcp-server",
+    ),
 ]
 
 
@@ -175,12 +180,13 @@ def test_subnet_problem(write_manifests: Write, text: str, line: int, path: str,
 @pytest.mark.parametrize(
     "subnet_lines",
     [
-        pytest.param(["- cidr: 10.1.0.0/30"], id="smallest-subnet-30"),
+        pytest.param(["- cidr: 10.1.0.0/30", "  dhcp: {enabled: false}"], id="smallest-subnet-30-without-dhcp"),
+        pytest.param(["- cidr: 10.1.0.0/29"], id="smallest-subnet-29-with-dhcp"),
         pytest.param(["- cidr: 10.1.0.0/24", "  gateway: 10.1.0.254", "  dhcp: {end: 10.1.0.200}"], id="gateway-after-range"),
         pytest.param(["- cidr: 10.1.0.0/24", "  gateway: 10.1.0.254"], id="gateway-last-default-range-stops-before"),
         pytest.param(["- cidr: 10.1.0.0/24", "  gateway: 10.1.0.10"], id="gateway-first-default-range-starts-after"),
         pytest.param(["- cidr: 10.1.0.0/24", "  gateway: 10.1.0.50", "  dhcp: {enabled: false}"], id="no-dhcp"),
-        pytest.param(["- cidr: 10.1.0.0/24", "  dhcp: {start: 10.1.0.2, end: 10.1.0.254}"], id="widest-range"),
+        pytest.param(["- cidr: 10.1.0.0/24", "  dhcp: {start: 10.1.0.3, end: 10.1.0.254}"], id="widest-range"),
     ],
 )
 def test_valid_subnets_are_accepted(write_manifests: Write, subnet_lines: list[str]) -> None:

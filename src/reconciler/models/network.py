@@ -15,8 +15,9 @@ class Dhcp(Strict):
     enabled: bool = spec_field(True, description="Serve DHCP on this subnet.")
     start: IPv4Address | None = spec_field(
         None,
-        description="First address handed out (default: network address + 10, or + 2 in a "
-        "/28 or smaller; never the gateway).",
+        description="First address handed out (default: network address + 10, or + 3 in a "
+        "/28 or smaller; never the gateway). The DHCP server itself takes the address just "
+        "below the range (or just above it when that is taken).",
     )
     end: IPv4Address | None = spec_field(
         None,
@@ -92,13 +93,13 @@ def gateway_of(subnet: Subnet) -> IPv4Address:
 
 
 def dhcp_range_of(subnet: Subnet) -> tuple[IPv4Address, IPv4Address]:
-    """The DHCP range: as written, else network+10 (network+2 in a /28 or smaller) to the
+    """The DHCP range: as written, else network+10 (network+3 in a /28 or smaller) to the
     last usable address, a default end or start never being the gateway."""
     net = subnet.cidr
     gateway = gateway_of(subnet)
     start = subnet.dhcp.start
     if start is None:
-        start = net.network_address + (10 if net.num_addresses > 16 else 2)
+        start = net.network_address + (10 if net.num_addresses > 16 else 3)
         if start == gateway:
             start += 1
     end = subnet.dhcp.end
@@ -107,6 +108,21 @@ def dhcp_range_of(subnet: Subnet) -> tuple[IPv4Address, IPv4Address]:
         if end == gateway:
             end -= 1
     return start, end
+
+
+def dhcp_server_of(subnet: Subnet) -> IPv4Address | None:
+    """The address the subnet's DHCP server holds: just below the DHCP range (skipping the
+    gateway), else just above it; never the network or broadcast address. None when DHCP
+    is off or there is no room (a validation error)."""
+    if not subnet.dhcp.enabled:
+        return None
+    net = subnet.cidr
+    gateway = gateway_of(subnet)
+    start, end = dhcp_range_of(subnet)
+    for candidate in (start - 1, start - 2, end + 1, end + 2):
+        if net.network_address < candidate < net.broadcast_address and candidate != gateway:
+            return candidate
+    return None
 
 
 def default_mtu(spec: NetworkSpec) -> int:

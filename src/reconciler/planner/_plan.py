@@ -85,7 +85,8 @@ class Change:
                 None
                 if self.target is None
                 else {"spec": dict(self.target.spec), "mark": self.target.mark.to_dict(),
-                      "references": [str(k) for k in self.target.references]}
+                      "references": [str(k) for k in self.target.references],
+                      "derived": dict(self.target.derived)}
             )
             data["observed"] = [o.to_dict() for o in self.observed]
         return data
@@ -103,6 +104,7 @@ class Change:
             target=None if target is None else Target(
                 key, target["spec"], Mark.from_dict(target["mark"]),
                 tuple(Key.parse(k) for k in target.get("references", [])),
+                derived=target.get("derived", {}),
             ),
             observed=tuple(Observed.from_dict(o) for o in data.get("observed", [])),
             notes=tuple(data.get("notes", [])),
