@@ -7,6 +7,7 @@ Found at `--host-config FILE`, else `$RECONCILER_HOST_CONFIG`, else
 from __future__ import annotations
 
 import os
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,31 @@ class LibvirtConfig(BaseModel):
     maxParallel: int = Field(8, ge=1, le=64, description="Instance and image changes at once.")
 
 
+class NetlinkConfig(BaseModel):
+    """Settings of the netlink driver (Network, Router, SecurityGroup)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uplinks: dict[str, str] = Field(
+        default_factory=dict,
+        description="Host interface a `flat` or `vlan` network uses as its uplink, by network "
+        "(`TENANT/NAME: eth1`). The interface is enslaved to the network's bridge (flat) or "
+        "carries its VLAN sub-interface (vlan); it is never deleted.",
+    )
+    vxlanLocal: IPv4Address | None = Field(
+        None, description="Local address of VXLAN tunnels (default: none, the kernel picks)."
+    )
+    vxlanPeers: list[IPv4Address] = Field(
+        default_factory=list,
+        description="Other hosts' VXLAN addresses: every VXLAN network floods to them (unicast "
+        "head-end replication), for multi-host tenant networks.",
+    )
+    vxlanPort: int = Field(4789, ge=1, le=65535, description="UDP port of VXLAN.")
+    dnsmasq: str = Field("dnsmasq", description="The dnsmasq program (one per subnet).")
+    leaseSeconds: int = Field(3600, ge=120, description="DHCP lease time.")
+    maxParallel: int = Field(8, ge=1, le=64, description="Network, router and group changes at once.")
+
+
 class HostConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -71,6 +97,7 @@ class HostConfig(BaseModel):
     )
     lockTimeoutSeconds: float = Field(60.0, ge=0, description="How long apply waits for the host lock.")
     libvirt: LibvirtConfig = Field(default_factory=LibvirtConfig, description="The libvirt driver.")
+    netlink: NetlinkConfig = Field(default_factory=NetlinkConfig, description="The netlink driver.")
     #: where it was read from (None: defaults)
     source: Path | None = Field(None, exclude=True)
 

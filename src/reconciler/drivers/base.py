@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from reconciler.models import Key
 from reconciler.state import FieldDiff, Observation, Observed, Target
@@ -55,3 +55,14 @@ class Describing(Protocol):
     """A driver with facts worth showing in ``reconciler status`` (e.g. its domain type)."""
 
     def describe(self) -> dict[str, str]: ...
+
+
+@runtime_checkable
+class Validating(Protocol):
+    """A driver that knows what this host cannot realise, so `plan` says so up front
+    (e.g. a vlan network on a kernel without 8021q) instead of failing at apply time."""
+
+    def problems(self, kind: str, tenant: str, name: str, spec: Mapping[str, Any]
+                 ) -> list[tuple[tuple[str | int, ...], str]]:
+        """(path in the spec, message) for each thing about this resource the host cannot do."""
+        ...

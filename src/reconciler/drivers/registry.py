@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from reconciler.drivers.base import Driver
 from reconciler.drivers.libvirt import LibvirtDriver, LibvirtSettings
 from reconciler.drivers.memory import MemoryDriver
+from reconciler.drivers.netlink import NetlinkDriver, NetlinkSettings
 from reconciler.errors import ConfigError
 from reconciler.hostconfig import HostConfig
 
@@ -22,6 +25,8 @@ def build_drivers(config: HostConfig) -> dict[str, Driver]:
                 instances[name] = MemoryDriver(config.stateDir / "memory", kinds)
             elif name == "libvirt":
                 instances[name] = LibvirtDriver(libvirt_settings(config))
+            elif name == "netlink":
+                instances[name] = NetlinkDriver(netlink_settings(config))
             else:
                 missing.append(f"{kind}: {name}")
                 continue
@@ -48,4 +53,20 @@ def libvirt_settings(config: HostConfig) -> LibvirtSettings:
         probe_image=lv.probeImage,
         shutdown_timeout_s=lv.shutdownTimeoutSeconds,
         max_parallel=lv.maxParallel,
+    )
+
+
+def netlink_settings(config: HostConfig) -> NetlinkSettings:
+    nl = config.netlink
+    state = config.stateDir.resolve()
+    return NetlinkSettings(
+        state_dir=state / "netlink",
+        home=hashlib.sha256(str(state).encode()).hexdigest()[:8],
+        uplinks=dict(nl.uplinks),
+        vxlan_local=str(nl.vxlanLocal) if nl.vxlanLocal else None,
+        vxlan_peers=tuple(str(p) for p in nl.vxlanPeers),
+        vxlan_port=nl.vxlanPort,
+        dnsmasq=nl.dnsmasq,
+        lease_seconds=nl.leaseSeconds,
+        max_parallel=nl.maxParallel,
     )
