@@ -16,9 +16,9 @@ import networkx as nx
 import structlog
 
 from reconciler.dependencies import build_graph
-from reconciler.drivers.base import Adopting, Describing, Driver
+from reconciler.drivers.base import Adopting, Describing, Driver, Validating
 from reconciler.drivers.registry import build_drivers
-from reconciler.errors import ReconcilerError, ValidationFailed
+from reconciler.errors import Problem, ReconcilerError, ValidationFailed, format_path
 from reconciler.executor import ApplyResult, Executor, Outcome, observe_all
 from reconciler.hostconfig import HostConfig
 from reconciler.journal import Journal
@@ -104,6 +104,19 @@ class Controller:
                 found[res.key] = hit
         return found
 
+    def host_problems(self, desired: Desired) -> list[Problem]:
+        """What this host cannot realise (e.g. vlan without 8021q), per resource and field."""
+        found = []
+        for res in desired:
+            drv = self.drivers.get(res.key.kind)
+            if not isinstance(drv, Validating):
+                continue
+            for path, message in drv.problems(res.key.kind, res.key.tenant, res.key.name, res.spec_full):
+                full = ("spec",) + tuple(path)
+                found.append(Problem(res.source.file, res.line_of(full), message, res.key.display,
+                                     format_path(full)))
+        return found
+
     def plan(self, desired: Desired, *, destroy: bool = False) -> Plan:
         started = time.perf_counter()
         observation = self.observe()
@@ -115,6 +128,8 @@ class Controller:
             conflicts=self.conflicts(desired, observation),
             destroy=destroy,
         )
+        if not destroy:
+            the_plan.errors.extend(self.host_problems(desired))
         log.info(
             "planned",
             resources=len(desired),

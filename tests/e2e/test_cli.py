@@ -288,14 +288,18 @@ def test_subnet_cidr_change_forces_replacement(applied: Path, state_dir: Path) -
     edit(applied / "globex" / "cloud.yaml", "cidr: 10.20.1.0/24", "cidr: 10.20.5.0/24")
     result = ok(cli("plan", applied, "--detailed-exitcode"), 2)
     blocks = parse_plan(result.stdout)
-    assert set(blocks) == {"Network globex/analytics"}
+    # the instance on it gets an address in the new subnet, and the network its new port
+    assert set(blocks) == {"Network globex/analytics", "Instance globex/app-1"}
     block = blocks["Network globex/analytics"]
     assert block.symbol == "-/+"
     assert block.verb == "must be replaced"
-    assert block.diffs == {"subnets[0].cidr": ('"10.20.1.0/24"', '"10.20.5.0/24"', "forces replacement")}
+    assert block.diffs["subnets[0].cidr"] == ('"10.20.1.0/24"', '"10.20.5.0/24"', "forces replacement")
+    assert set(block.diffs) == {"subnets[0].cidr", "ports.globex/app-1"}
     losing = [n for n in block.notes if "loses its address" in n]
     assert len(losing) == 1 and "Instance globex/app-1" in losing[0], block.notes
-    assert summary(result.stdout) == "Plan: 0 to add, 0 to change, 1 to replace, 0 to destroy."
+    (ip_diff,) = blocks["Instance globex/app-1"].diffs.values()
+    assert ip_diff[1].startswith('"10.20.5.')
+    assert summary(result.stdout) == "Plan: 0 to add, 1 to change, 1 to replace, 0 to destroy."
 
     ok(cli("apply", applied, "--yes"))
     net = host_objects(state_dir)[("Network", "globex", "analytics")]
@@ -308,10 +312,12 @@ def test_removing_an_instance_destroys_it(applied: Path, state_dir: Path) -> Non
     remove_document(applied / "acme" / "compute.yaml", "Instance", "web-2")
     result = ok(cli("plan", applied, "--detailed-exitcode"), 2)
     blocks = parse_plan(result.stdout)
-    assert set(blocks) == {"Instance acme/web-2"}
+    # its port leaves the network (DHCP reservation) and the group naming its group as a remote
+    assert set(blocks) == {"Instance acme/web-2", "Network acme/web", "SecurityGroup acme/db"}
     assert blocks["Instance acme/web-2"].symbol == "-"
     assert blocks["Instance acme/web-2"].verb == "will be destroyed"
-    assert summary(result.stdout) == "Plan: 0 to add, 0 to change, 0 to replace, 1 to destroy."
+    assert set(blocks["Network acme/web"].diffs) == {"ports.acme/web-2"}
+    assert summary(result.stdout) == "Plan: 0 to add, 2 to change, 0 to replace, 1 to destroy."
 
     ok(cli("apply", applied, "--yes"))
     assert not web2.exists()
@@ -427,7 +433,8 @@ def test_saved_plan_is_private_and_applies_exactly_itself(
 
     # the manifests now differ from what was applied by exactly those edits
     blocks = parse_plan(ok(cli("plan", cloud, "--detailed-exitcode"), 2).stdout)
-    assert set(blocks) == {"Network globex/batch", "Instance acme/web-2"}
+    assert set(blocks) == {"Network globex/batch", "Instance acme/web-2", "Network acme/web",
+                           "SecurityGroup acme/db"}
     assert blocks["Instance acme/web-2"].symbol == "-"
 
     # an applied plan cannot be applied twice

@@ -901,3 +901,11 @@ def test_owner_home_round_trips_in_both_forms() -> None:
     assert DomainConfig.parse(cfg.to_xml()).owner.home == owner.home
     plain = ET.fromstring(owner.to_metadata_xml())  # what setMetadata gets
     assert plain.get("home") == owner.home
+
+
+def test_nic_tap_name_round_trips() -> None:
+    """The tap is named so the network driver's per-port rules can match it."""
+    xml = InterfaceConfig("52:54:00:ab:cd:ef", "rc-0123456789", target="rt-0123456789").to_xml()
+    assert ET.fromstring(xml).find("target").get("dev") == "rt-0123456789"
+    assert InterfaceConfig.from_element(ET.fromstring(xml)).target == "rt-0123456789"
+    assert ET.fromstring(InterfaceConfig("52:54:00:ab:cd:ef", "br0").to_xml()).find("target") is None

@@ -187,7 +187,12 @@ CASES: list[dict[str, Any]] = [
     {
         "id": "replace: network subnet cidr",
         "manifest": {NET: {"spec.subnets.0.cidr": "10.20.1.0/24"}},
-        "expect": {NET: ("replace", "replace", [("subnets[0].cidr", "replace", "manifest")])},
+        "expect": {
+            NET: ("replace", "replace", [("subnets[0].cidr", "replace", "manifest"),
+                                         ("ports.acme/vm", "in-place", "derived")]),
+            # the instance's address was allocated in the old subnet: a new one is allocated
+            VM: ("update", "none", [("networks[0].ip", "in-place", "derived")]),
+        },
         "notes": {NET: "every instance on it loses its address meanwhile: Instance acme/vm"},
     },
     {
@@ -293,7 +298,8 @@ CASES: list[dict[str, Any]] = [
             VM: {"networks.0.ip": "10.10.1.50"},
             VOLUME: {"backend": "lvm"},
         },
-        "expect": {},
+        # the host's address stays; the network's port (its DHCP reservation) follows it
+        "expect": {NET: ("update", "none", [("ports.acme/vm", "in-place", "derived")])},
     },
     {
         "id": "a host default the manifest sets is intent",
@@ -305,7 +311,8 @@ CASES: list[dict[str, Any]] = [
         "id": "a nic ip the manifest sets replaces the host's choice",
         "live": {VM: {"networks.0.ip": "10.10.1.50"}},
         "manifest": {VM: {"spec.networks.0.ip": "10.10.1.60"}},
-        "expect": {VM: ("update", "none", [("networks[0].ip", "in-place", "manifest")])},
+        "expect": {VM: ("update", "none", [("networks[0].ip", "in-place", "manifest")]),
+                   NET: ("update", "none", [("ports.acme/vm", "in-place", "derived")])},
     },
     {
         "id": "bucket metadata keys set by others are left alone",
@@ -515,7 +522,8 @@ def _apply(p: Plan) -> Observation:
     """What the host holds after a successful apply of `p` from an empty host."""
     return Observation(
         owned=[
-            Observed(c.key, f"host:{c.id}", json.loads(json.dumps(dict(c.target.spec))), c.target.mark, {})
+            Observed(c.key, f"host:{c.id}", json.loads(json.dumps(dict(c.target.spec))), c.target.mark, {},
+                     derived=json.loads(json.dumps(dict(c.target.derived))))
             for c in p.changes
             if c.target is not None
         ]
@@ -527,7 +535,8 @@ def _replace_observed(obs: Observation, key: str, **kw: Any) -> None:
         if str(o.key) == key:
             spec = kw.pop("spec", o.spec)
             mark = kw.pop("mark", o.mark)
-            obs.owned[i] = Observed(o.key, kw.pop("identity", o.identity), spec, mark, o.host)
+            obs.owned[i] = Observed(o.key, kw.pop("identity", o.identity), spec, mark, o.host,
+                                    derived=kw.pop("derived", o.derived), drift=kw.pop("drift", o.drift))
             return
     raise AssertionError(f"{key} not on the host")
 
@@ -579,7 +588,8 @@ def scenario(write_manifests):
         for key, fields in case.get("duplicate", {}).items():
             o = _find(obs, key)
             mark = Mark(o.key, fields.get("spec_hash", o.mark.spec_hash), o.mark.applied)
-            obs.owned.append(Observed(o.key, fields["identity"], copy.deepcopy(dict(o.spec)), mark, {}))
+            obs.owned.append(Observed(o.key, fields["identity"], copy.deepcopy(dict(o.spec)), mark, {},
+                                      derived=o.derived))
 
         docs = _edit_docs(base, case.get("manifest")) + copy.deepcopy(case.get("add", []))
         desired, folder = _load(write_manifests, docs)

@@ -65,7 +65,7 @@ def run(write_manifests: Callable[..., Path]):
         owned = []
         for c in first.changes:
             spec = json.loads(json.dumps(dict(c.target.spec)))
-            obs = Observed(c.key, f"host:{c.id}", spec, c.target.mark, {})
+            obs = Observed(c.key, f"host:{c.id}", spec, c.target.mark, {}, derived=c.target.derived)
             if c.id == VM:
                 obs = dataclasses.replace(obs, spec={**spec, **(host or {})}, live=dict(live or {}))
             owned.append(obs)

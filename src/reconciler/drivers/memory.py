@@ -71,7 +71,8 @@ class MemoryDriver:
                     result.unowned.append(Unowned(kind, _base_name(path), "unreadable mark"))
                     continue
                 result.owned.append(
-                    Observed(mark.key, path.stem, data.get("spec") or {}, mark, data.get("host") or {})
+                    Observed(mark.key, path.stem, data.get("spec") or {}, mark, data.get("host") or {},
+                             derived=data.get("derived") or {})
                 )
         return result
 
@@ -96,8 +97,9 @@ class MemoryDriver:
             path = folder / f"{base}.{n}.json"
             n += 1
         host = {HOST_FIELD[target.key.kind]: base, "driver": "memory"}
-        _write(path, {"mark": target.mark.to_dict(), "spec": dict(target.spec), "host": host})
-        return Observed(target.key, path.stem, dict(target.spec), target.mark, host)
+        _write(path, {"mark": target.mark.to_dict(), "spec": dict(target.spec), "host": host,
+                      "derived": dict(target.derived)})
+        return Observed(target.key, path.stem, dict(target.spec), target.mark, host, derived=dict(target.derived))
 
     def update(self, target: Target, observed: Observed, diffs: Sequence[FieldDiff]) -> Observed:
         path = self._path(observed)
@@ -107,8 +109,10 @@ class MemoryDriver:
         _check_ours(data, observed, path)
         data["spec"] = dict(target.spec)
         data["mark"] = target.mark.to_dict()
+        data["derived"] = dict(target.derived)
         _write(path, data)
-        return Observed(target.key, observed.identity, dict(target.spec), target.mark, data.get("host") or {})
+        return Observed(target.key, observed.identity, dict(target.spec), target.mark, data.get("host") or {},
+                        derived=dict(target.derived))
 
     def delete(self, observed: Observed) -> None:
         path = self._path(observed)
@@ -127,7 +131,7 @@ class MemoryDriver:
         mark = dataclasses.replace(observed.mark, orphaned=True)
         data["mark"] = mark.to_dict()
         _write(path, data)
-        return Observed(observed.key, observed.identity, observed.spec, mark, observed.host)
+        return dataclasses.replace(observed, mark=mark)
 
     def adopt(self, host_name: str, target: Target) -> Observed:
         """Mark an unmarked object file as ours; its live spec stays what it was."""
@@ -141,8 +145,9 @@ class MemoryDriver:
             raise Conflict(f"{path} already carries a mark")
         spec = data.get("spec") if isinstance(data.get("spec"), dict) else dict(target.spec)
         host = {HOST_FIELD[target.key.kind]: host_name, "driver": "memory"}
-        _write(path, {"mark": target.mark.to_dict(), "spec": spec, "host": host})
-        return Observed(target.key, path.stem, spec, target.mark, host)
+        derived = data.get("derived") if isinstance(data.get("derived"), dict) else {}
+        _write(path, {"mark": target.mark.to_dict(), "spec": spec, "host": host, "derived": derived})
+        return Observed(target.key, path.stem, spec, target.mark, host, derived=derived)
 
     def _path(self, observed: Observed) -> Path:
         if "/" in observed.identity or observed.identity.startswith("."):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Iterable, Mapping
 
 import networkx as nx
@@ -34,6 +33,7 @@ from reconciler.models import KINDS, Desired, Key, Resource, UpdatePolicy
 from reconciler.planner._alloc import allocate, used_ids
 from reconciler.planner._diff import diff, merge
 from reconciler.planner._plan import Action, Change, Disruption, Plan
+from reconciler.planner._ports import Ports, derived_diffs
 from reconciler.state import FieldDiff, Mark, Observation, Observed, Target, Unowned
 
 _ACTS = (Action.CREATE, Action.UPDATE, Action.REPLACE)
@@ -55,7 +55,9 @@ def plan(
     errors: list[Problem] = []
     changes: dict[Key, Change] = {}
     allocator = _Allocator(desired, observation.owned)
-    addresses = _Addresses(desired)
+    ports = Ports(desired, {key: found[0] for key, found in owned.items()})
+    if not destroy:
+        errors.extend(ports.problems)
 
     for key in sorted(desired.resources):
         res = desired.resources[key]
@@ -68,9 +70,9 @@ def plan(
             if key in conflicts:
                 errors.append(_conflict_problem(res, conflicts[key]))
                 continue
-            changes[key] = _create(res, allocator)
+            changes[key] = _create(res, allocator, ports)
         else:
-            change = _update(res, found, graph, errors, allocator, addresses)
+            change = _update(res, found, graph, errors, allocator, ports)
             changes[key] = change
 
     if not destroy:
@@ -103,25 +105,27 @@ def _mark(res: Resource) -> Mark:
     return Mark(res.key, res.spec_hash, res.spec_set, depends_on=tuple(res.metadata.dependsOn))
 
 
-def _target(res: Resource, spec: Mapping[str, Any]) -> Target:
+def _target(res: Resource, spec: Mapping[str, Any], derived: Mapping[str, Any]) -> Target:
     references = tuple(dict.fromkeys(Key(r.kind, r.tenant, r.name) for r in res.spec.references(res.key.tenant)))
-    return Target(res.key, spec, _mark(res), references)
+    return Target(res.key, spec, _mark(res), references, derived=derived)
 
 
-def _create(res: Resource, allocator: "_Allocator") -> Change:
+def _create(res: Resource, allocator: "_Allocator", ports: Ports) -> Change:
     spec = allocator.fill(res)
+    if res.key.kind == "Instance":
+        spec = ports.instance_spec(res, spec)
     return Change(
         key=res.key,
         action=Action.CREATE,
         reason="not on the host",
-        target=_target(res, spec),
+        target=_target(res, spec, ports.derived(res)),
         create_before_destroy=KINDS[res.key.kind].create_before_destroy,
         source=f"{res.source.file}:{res.source.line}",
     )
 
 
 def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: list[Problem],
-            allocator: "_Allocator", addresses: "_Addresses") -> Change:
+            allocator: "_Allocator", ports: Ports) -> Change:
     model = KINDS[res.key.kind]
     primary = found[0]
     applied = primary.mark.applied
@@ -129,9 +133,15 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
         target = dict(res.spec_full)
     else:
         target = merge(model, res.spec_full, res.spec_set, applied, primary.spec)
-        if res.key.kind == "Instance":
-            target = addresses.release_stale(res, target)
+    if res.key.kind == "Instance":
+        target = ports.instance_spec(res, target)
     diffs = [] if target == dict(primary.spec) else diff(model, target, primary.spec, res.spec_set, applied)
+    if res.key.kind == "Instance":
+        diffs = [_allocated(d, res) for d in diffs]
+    derived = ports.derived(res)
+    if derived != dict(primary.derived):
+        diffs += [FieldDiff(path, old, new, UpdatePolicy.IN_PLACE, cause="derived")
+                  for path, old, new in derived_diffs(derived, primary.derived)]
     if res.key.kind == "Network" and target.get("type") != primary.spec.get("type"):
         target = allocator.retype(res, target)  # replaced: the old type's host ids do not carry over
     source = f"{res.source.file}:{res.source.line}"
@@ -147,25 +157,28 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
                 )
     common = dict(key=res.key, observed=tuple(found), source=source,
                   create_before_destroy=model.create_before_destroy)
+    if not diffs and primary.drift:
+        return Change(action=Action.UPDATE, reason=_reason([], primary.drift),
+                      target=_target(res, target, derived), **common)
     if not diffs:
         if primary.mark.orphaned:
             return Change(action=Action.UPDATE, reason="back in the manifests (was orphaned): adopted again",
-                          target=_target(res, target), **common)
+                          target=_target(res, target, derived), **common)
         if len(found) > 1:
             return Change(action=Action.UPDATE, reason=f"{len(found) - 1} duplicate host object(s) to remove",
-                          target=_target(res, target), **common)
+                          target=_target(res, target, derived), **common)
         return Change(action=Action.NOOP, reason="up to date", **common)
     notes: list[str] = []
     diffs = _live(diffs, primary, notes)
     replace = [d for d in diffs if d.policy is UpdatePolicy.REPLACE]
     restart = [d for d in diffs if d.policy is UpdatePolicy.RESTART]
-    reason = _reason(diffs)
+    reason = _reason(diffs, primary.drift)
     if replace:
         fields = ", ".join(format_path(d.path) for d in replace)
         notes.extend(_replace_notes(res.key, graph, model.create_before_destroy))
         return Change(action=Action.REPLACE, reason=f"{fields} forces replacement; {reason}",
                       disruption=Disruption.REPLACE, diffs=tuple(diffs),
-                      target=_target(res, target), notes=tuple(notes), **common)
+                      target=_target(res, target, derived), notes=tuple(notes), **common)
     disruption = Disruption.NONE
     if restart:
         disruption = Disruption.RESTART
@@ -177,7 +190,7 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
     if len(found) > 1:
         notes.append(f"{len(found) - 1} duplicate host object(s) removed")
     return Change(action=Action.UPDATE, reason=reason, disruption=disruption, diffs=tuple(diffs),
-                  target=_target(res, target), notes=tuple(notes), **common)
+                  target=_target(res, target, derived), notes=tuple(notes), **common)
 
 
 def _live(diffs: list[FieldDiff], primary: Observed, notes: list[str]) -> list[FieldDiff]:
@@ -199,6 +212,17 @@ def _live(diffs: list[FieldDiff], primary: Observed, notes: list[str]) -> list[F
     return out
 
 
+def _allocated(d: FieldDiff, res: Resource) -> FieldDiff:
+    """A NIC address the manifest does not fix changes because of other resources (its
+    subnet changed, or another instance now fixes it): not the user's edit, nor drift."""
+    if len(d.path) == 3 and d.path[0] == "networks" and d.path[2] == "ip" and isinstance(d.path[1], int):
+        written = res.spec_set.get("networks") or []
+        i = d.path[1]
+        if not (i < len(written) and written[i].get("ip")):
+            return dataclasses.replace(d, cause="derived")
+    return d
+
+
 def _shrink_of(model: type, path: tuple[str | int, ...]) -> str | None:
     from reconciler.planner._diff import field_table
 
@@ -214,12 +238,15 @@ def _shrink_of(model: type, path: tuple[str | int, ...]) -> str | None:
     return meta.shrink if meta else None
 
 
-def _reason(diffs: list[FieldDiff]) -> str:
-    drift = [format_path(d.path) for d in diffs if d.cause == "drift"]
-    intent = [format_path(d.path) for d in diffs if d.cause != "drift"]
+def _reason(diffs: list[FieldDiff], host_drift: Iterable[str] = ()) -> str:
+    drift = [format_path(d.path) for d in diffs if d.cause == "drift"] + list(host_drift)
+    intent = [format_path(d.path) for d in diffs if d.cause == "manifest"]
+    derived = [format_path(d.path) for d in diffs if d.cause == "derived"]
     parts = []
     if intent:
         parts.append("manifest changed: " + ", ".join(intent))
+    if derived:
+        parts.append("other resources changed: " + ", ".join(derived))
     if drift:
         parts.append("drift on the host: " + ", ".join(drift))
     return "; ".join(parts)
@@ -283,48 +310,6 @@ def _conflict_problem(res: Resource, unowned: Unowned) -> Problem:
         "rename the resource in the manifest",
         res.key.display, "metadata.name",
     )
-
-
-class _Addresses:
-    """Fixed addresses of the manifests, to release host-kept ones that no longer fit.
-
-    A NIC whose manifest does not fix its address keeps the host's (a host default). That
-    address is released (the network driver allocates a new one) when it is outside every
-    subnet of the NIC's network now, or when another instance now fixes it.
-    """
-
-    def __init__(self, desired: Desired):
-        self.subnets: dict[tuple[str, str], list[IPv4Network]] = {}
-        for res in desired.of_kind("Network"):
-            self.subnets[(res.key.tenant, res.key.name)] = [s.cidr for s in res.spec.subnets]  # type: ignore[attr-defined]
-        self.fixed: dict[tuple[str, str, str], Key] = {}
-        for res in desired.of_kind("Instance"):
-            for nic in res.spec_set.get("networks", ()):
-                if nic.get("ip"):
-                    self.fixed.setdefault((res.key.tenant, nic["network"], nic["ip"]), res.key)
-
-    def release_stale(self, res: Resource, target: dict) -> dict:
-        nics = target.get("networks")
-        if not isinstance(nics, list):
-            return target
-        written = res.spec_set.get("networks", [])
-        out = []
-        for i, nic in enumerate(nics):
-            ip = nic.get("ip") if isinstance(nic, dict) else None
-            if ip and not (i < len(written) and written[i].get("ip")):
-                net = (res.key.tenant, nic.get("network", ""))
-                owner = self.fixed.get(net + (ip,))
-                if (owner is not None and owner != res.key) or not self._inside(net, ip):
-                    nic = {**nic, "ip": None}
-            out.append(nic)
-        return {**target, "networks": out}
-
-    def _inside(self, net: tuple[str, str], ip: str) -> bool:
-        try:
-            address = IPv4Address(ip)
-        except ValueError:
-            return False
-        return any(address in cidr for cidr in self.subnets.get(net, ()))
 
 
 class _Allocator:

@@ -151,11 +151,15 @@ class InterfaceConfig:
     bridge: str
     mtu: int | None = None
     model: str = "virtio"
+    #: the host-side tap's name (the network driver's per-port rules match it)
+    target: str | None = None
 
     def to_element(self) -> ET.Element:
         nic = ET.Element("interface", {"type": "bridge"})
         ET.SubElement(nic, "mac", {"address": self.mac})
         ET.SubElement(nic, "source", {"bridge": self.bridge})
+        if self.target:
+            ET.SubElement(nic, "target", {"dev": self.target})
         ET.SubElement(nic, "model", {"type": self.model})
         if self.mtu:
             ET.SubElement(nic, "mtu", {"size": str(self.mtu)})
@@ -170,11 +174,13 @@ class InterfaceConfig:
         source = elem.find("source")
         model = elem.find("model")
         mtu = elem.find("mtu")
+        target = elem.find("target")
         return cls(
             mac=(mac.get("address", "") if mac is not None else "").lower(),
             bridge=source.get("bridge", "") if source is not None else "",
             mtu=_int(mtu.get("size", "0"), "<mtu size>") or None if mtu is not None else None,
             model=model.get("type", "") if model is not None else "",
+            target=target.get("dev") if target is not None else None,
         )
 
 

@@ -47,7 +47,7 @@ from reconciler.errors import Conflict, NotFound, PermanentError, TransientError
 from reconciler.fileio import write_atomic
 from reconciler.models import Key, UpdatePolicy
 from reconciler.models.network import NetworkSpec, gateway_of
-from reconciler.naming import host_name, mac_address
+from reconciler.naming import host_name, mac_address, tap_name
 from reconciler.state import FieldDiff, Mark, Observation, Observed, Target, Unowned
 
 GIB = 1024**3
@@ -538,7 +538,8 @@ class LibvirtDriver:
         for nic in spec.get("networks") or []:
             bridge = _bridge_of(key.tenant, nic["network"], target.related)
             nics.append(InterfaceConfig(mac_address(key.tenant, key.name, nic["network"]), bridge,
-                                        mtu=_bridge_mtu(bridge)))
+                                        mtu=_bridge_mtu(bridge),
+                                        target=tap_name(key.tenant, key.name, nic["network"])))
         stored = _redact_spec(dict(spec))
         return DomainConfig(
             name=name,
@@ -562,7 +563,10 @@ class LibvirtDriver:
         for i, nic in enumerate(spec.get("networks") or []):
             address, gateway, dns = None, None, ()
             if nic.get("ip"):
-                address, gateway, dns = _static_address(key, i, nic, related)
+                # with DHCP on its subnet the guest asks, and gets its reservation; else static
+                address, gateway, dns, dhcp = _static_address(key, i, nic, related)
+                if dhcp:
+                    address, gateway, dns = None, None, ()
             bridge = _bridge_of(key.tenant, nic["network"], related)
             nics.append(NicSeed(mac_address(key.tenant, key.name, nic["network"]), address,
                                 gateway if not nics else None, _bridge_mtu(bridge), dns))
@@ -701,8 +705,9 @@ def _power_state(state: int) -> str:
 
 
 def _static_address(key: Key, index: int, nic: Mapping[str, Any], related: Mapping[Key, Observed]
-                    ) -> tuple[IPv4Interface, IPv4Address, tuple[IPv4Address, ...]]:
-    """A fixed IP as the guest configures it: with its subnet's prefix, gateway and DNS."""
+                    ) -> tuple[IPv4Interface, IPv4Address, tuple[IPv4Address, ...], bool]:
+    """A NIC's address as the guest configures it: with its subnet's prefix, gateway and
+    DNS, and whether the subnet serves DHCP (then the guest asks for its reservation)."""
     where = f"{key.display}: spec.networks[{index}].ip {nic['ip']}"
     net = related.get(Key("Network", key.tenant, nic["network"]))
     if net is None:
@@ -711,7 +716,7 @@ def _static_address(key: Key, index: int, nic: Mapping[str, Any], related: Mappi
     for subnet in NetworkSpec.model_validate(dict(net.spec)).subnets:
         if ip in subnet.cidr:
             return (IPv4Interface(f"{ip}/{subnet.cidr.prefixlen}"), gateway_of(subnet),
-                    tuple(subnet.dnsServers))
+                    tuple(subnet.dnsServers), subnet.dhcp.enabled)
     raise PermanentError(f"{where} is in no subnet of network {key.tenant}/{nic['network']}")
 
 
