@@ -209,9 +209,10 @@ def test_static_address_takes_prefix_gateway_and_dns_of_its_subnet() -> None:
     net = _network("acme", "web", [{"cidr": "10.0.0.0/24"},
                                    {"cidr": "10.1.0.0/16", "gateway": "10.1.0.254", "dnsServers": ["10.1.0.53"]}])
     key = Key("Instance", "acme", "vm")
-    address, gateway, dns = _static_address(key, 0, {"network": "web", "ip": "10.1.2.3"}, {net.key: net})
+    address, gateway, dns, dhcp = _static_address(key, 0, {"network": "web", "ip": "10.1.2.3"}, {net.key: net})
     assert (str(address), str(gateway), [str(d) for d in dns]) == ("10.1.2.3/16", "10.1.0.254", ["10.1.0.53"])
-    address, gateway, dns = _static_address(key, 0, {"network": "web", "ip": "10.0.0.9"}, {net.key: net})
+    assert dhcp is True  # the subnets serve DHCP by default
+    address, gateway, dns, dhcp = _static_address(key, 0, {"network": "web", "ip": "10.0.0.9"}, {net.key: net})
     assert (str(address), str(gateway), dns) == ("10.0.0.9/24", "10.0.0.1", ())
 
 

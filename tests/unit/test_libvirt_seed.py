@@ -164,8 +164,9 @@ def _network(name: str, cidr: str, **subnet) -> Observed:
 def test_the_driver_gives_only_the_first_nic_a_gateway(tmp_path: Path) -> None:
     """The driver's own seed writer: two static NICs whose subnets both have gateways."""
     driver = LibvirtDriver(LibvirtSettings(instance_dir=tmp_path, image_dir=tmp_path / "img"))
-    web = _network("web", "10.10.1.0/24", gateway="10.10.1.254", dnsServers=["10.10.1.2"])
-    db = _network("db", "10.20.0.0/16", dnsServers=["10.20.0.2"])  # gateway: the first address
+    off = {"enabled": False}  # without DHCP the guest configures its address itself
+    web = _network("web", "10.10.1.0/24", gateway="10.10.1.254", dnsServers=["10.10.1.2"], dhcp=off)
+    db = _network("db", "10.20.0.0/16", dnsServers=["10.20.0.2"], dhcp=off)  # gateway: the first address
     related = {web.key: web, db.key: db}
     spec = {
         "networks": [{"network": "web", "ip": "10.10.1.5"}, {"network": "db", "ip": "10.20.3.4"}],
@@ -217,12 +218,23 @@ def test_the_driver_gives_only_the_first_nic_a_gateway(tmp_path: Path) -> None:
 
 def test_the_driver_gateway_defaults_to_the_first_address(tmp_path: Path) -> None:
     driver = LibvirtDriver(LibvirtSettings(instance_dir=tmp_path, image_dir=tmp_path / "img"))
-    db = _network("db", "10.20.0.0/16")
+    db = _network("db", "10.20.0.0/16", dhcp={"enabled": False})
     spec = {"networks": [{"network": "db", "ip": "10.20.3.4"}]}
     driver._write_seed(tmp_path, Key("Instance", "acme", "vm"), spec, {db.key: db}, "iid-1")
     sidecar = json.loads((tmp_path / "seed.json").read_text())
     assert sidecar["nics"][0]["gateway"] == "10.20.0.1"
     assert sidecar["nics"][0]["address"] == "10.20.3.4/16"
+
+
+def test_the_driver_lets_the_guest_ask_dhcp_where_the_subnet_serves_it(tmp_path: Path) -> None:
+    """The address is reserved for the NIC's MAC in the subnet's dnsmasq: the guest asks."""
+    driver = LibvirtDriver(LibvirtSettings(instance_dir=tmp_path, image_dir=tmp_path / "img"))
+    web = _network("web", "10.10.1.0/24")
+    spec = {"networks": [{"network": "web", "ip": "10.10.1.44"}]}
+    driver._write_seed(tmp_path, Key("Instance", "acme", "vm"), spec, {web.key: web}, "iid-2")
+    sidecar = json.loads((tmp_path / "seed.json").read_text())
+    assert sidecar["nics"][0]["address"] is None
+    assert sidecar["nics"][0]["mac"] == mac_address("acme", "vm", "web")
 
 
 # --- user-data -------------------------------------------------------------------------

@@ -189,7 +189,7 @@ CASES: list[dict[str, Any]] = [
         "manifest": {NET: {"spec.subnets.0.cidr": "10.20.1.0/24"}},
         "expect": {
             NET: ("replace", "replace", [("subnets[0].cidr", "replace", "manifest"),
-                                         ("ports.acme/vm", "in-place", "derived")]),
+                                         ("ports.acme/vm.ip", "in-place", "derived")]),
             # the instance's address was allocated in the old subnet: a new one is allocated
             VM: ("update", "none", [("networks[0].ip", "in-place", "derived")]),
         },
@@ -299,7 +299,7 @@ CASES: list[dict[str, Any]] = [
             VOLUME: {"backend": "lvm"},
         },
         # the host's address stays; the network's port (its DHCP reservation) follows it
-        "expect": {NET: ("update", "none", [("ports.acme/vm", "in-place", "derived")])},
+        "expect": {NET: ("update", "none", [("ports.acme/vm.ip", "in-place", "derived")])},
     },
     {
         "id": "a host default the manifest sets is intent",
@@ -312,7 +312,7 @@ CASES: list[dict[str, Any]] = [
         "live": {VM: {"networks.0.ip": "10.10.1.50"}},
         "manifest": {VM: {"spec.networks.0.ip": "10.10.1.60"}},
         "expect": {VM: ("update", "none", [("networks[0].ip", "in-place", "manifest")]),
-                   NET: ("update", "none", [("ports.acme/vm", "in-place", "derived")])},
+                   NET: ("update", "none", [("ports.acme/vm.ip", "in-place", "derived")])},
     },
     {
         "id": "bucket metadata keys set by others are left alone",

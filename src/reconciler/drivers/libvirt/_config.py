@@ -151,8 +151,9 @@ class InterfaceConfig:
     bridge: str
     mtu: int | None = None
     model: str = "virtio"
-    #: the host-side tap's name (the network driver's per-port rules match it)
-    target: str | None = None
+    #: the host-side tap's name (the network driver's per-port rules match it); not
+    #: compared: libvirt names the taps of domains defined without one `vnetN`
+    target: str | None = field(default=None, compare=False)
 
     def to_element(self) -> ET.Element:
         nic = ET.Element("interface", {"type": "bridge"})
