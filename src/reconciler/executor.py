@@ -318,6 +318,12 @@ def _differs(change: Change, found: list[Observed]) -> str | None:
     if dict(obs.spec) != dict(target.spec):
         fields = sorted(k for k in set(obs.spec) | set(target.spec) if obs.spec.get(k) != target.spec.get(k))
         return "fields differ after apply: " + ", ".join(fields)
+    if dict(obs.derived) != dict(target.derived):
+        names = sorted(k for k in set(obs.derived) | set(target.derived)
+                       if obs.derived.get(k) != target.derived.get(k))
+        return "derived host facts differ after apply: " + ", ".join(names)
+    if obs.drift:
+        return "still broken on the host: " + "; ".join(obs.drift)
     return None
 
 

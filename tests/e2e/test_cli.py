@@ -294,7 +294,7 @@ def test_subnet_cidr_change_forces_replacement(applied: Path, state_dir: Path) -
     assert block.symbol == "-/+"
     assert block.verb == "must be replaced"
     assert block.diffs["subnets[0].cidr"] == ('"10.20.1.0/24"', '"10.20.5.0/24"', "forces replacement")
-    assert set(block.diffs) == {"subnets[0].cidr", "ports.globex/app-1"}
+    assert set(block.diffs) == {"subnets[0].cidr", "ports.globex/app-1.ip"}
     losing = [n for n in block.notes if "loses its address" in n]
     assert len(losing) == 1 and "Instance globex/app-1" in losing[0], block.notes
     (ip_diff,) = blocks["Instance globex/app-1"].diffs.values()
