@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 from reconciler.drivers.netlink import _host, _names
 from reconciler.drivers.netlink._nft import Port
-from reconciler.errors import PermanentError, TransientError
+from reconciler.errors import DriverError, PermanentError, TransientError
 from reconciler.fileio import write_atomic
 
 STOP_TIMEOUT_S = 5.0
@@ -118,10 +118,11 @@ class SubnetDhcp:
         lines = []
         named: set[str] = set()
         for port in ports:
-            name = _unique(port.hostname, named)
             if port.ip is not None and IPv4Address(port.ip) in self.cidr:
+                name = _unique(port.hostname, named)
                 lines.append(",".join(x for x in (port.mac, port.ip, name) if x))
             elif self.first and port.ip is None:
+                name = _unique(port.hostname, named)
                 lines.append(",".join(x for x in (port.mac, name) if x))
             elif self.first:
                 lines.append(f"{port.mac},ignore")
@@ -144,13 +145,15 @@ class SubnetDhcp:
         return "".join(lines)
 
     def files(self, ports: Sequence[Port]) -> dict[Path, str]:
-        return {self.hosts: self.hosts_text(ports), self.opts: self.opts_text(), self.names: self.names_text(ports)}
+        return {self.hosts: self.hosts_text(ports), self.opts: self.opts_text(),
+                self.names: self.names_text(ports)}
 
 
 def _unique(name: str, seen: set[str]) -> str:
     """A host name once per file (two tenants' instances may share a name on an external
-    network); the later ones go without a name."""
-    if name in seen:
+    network); the later ones go without a name, and so does a name DNS cannot carry."""
+    name = _names.dns_label(name)
+    if not name or name in seen:
         return ""
     seen.add(name)
     return name
@@ -302,7 +305,7 @@ def version(program: str) -> str:
     """`dnsmasq --version`'s first line, or why there is none."""
     try:
         result = _host.run([program, "--version"], "asking dnsmasq its version", timeout=5)
-    except PermanentError as exc:
+    except DriverError as exc:
         return str(exc)
     first = (result.stdout or "").splitlines()
-    return first[0].strip() if first else "unknown version"
+    return first[0].split("Copyright")[0].strip() if first else "unknown version"

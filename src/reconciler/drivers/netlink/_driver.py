@@ -1,10 +1,39 @@
-"""Placeholder: the netlink driver is being written (see issue 4)."""
+"""The netlink driver: Network, Router and SecurityGroup on Linux, as Neutron's Linux
+bridge, DHCP and L3 agents realise them (pyroute2 for devices and namespaces, dnsmasq
+for DHCP and DNS, nftables for security groups and anti-spoofing).
+
+What is where (H, R, G: hashes of the resource's key; see `_names`)::
+
+    Network   bridge rc-H (+ VXLAN rv-H, VLAN rl-H or a flat uplink), DHCP namespace
+              rc-dhcp-H with one leg and one dnsmasq per subnet, nftables chains
+              in-H/out-H/spoof-H and the port chains, sidecar networks/rc-H.json
+    Router    namespace rc-R with a leg per network (the subnets' gateways), an
+              external leg with SNAT, its own nftables table; sidecar routers/rc-R.json
+    SecurityGroup  chains sg-G-in/sg-G-out in our inet table; sidecar groups/sg-G.json
+
+Observe is one netlink dump of the host namespace, one namespace listing, one `nft -j
+list table` per family, the sidecars and dnsmasq's pid files; router and DHCP namespaces
+are not entered. Create and update are the same idempotent "ensure", which also repairs
+drift (a deleted bridge, rule or dnsmasq). Only objects carrying our mark are changed or
+deleted; a bridge or namespace in the way without it is reported and left alone.
+"""
 
 from __future__ import annotations
 
+import shutil
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping, Sequence
+
+from reconciler.drivers.netlink import _dnsmasq, _host, _names, _nft
+from reconciler.drivers.netlink._sidecar import GROUPS, NETWORKS, ROUTERS, Sidecars
+from reconciler.errors import PermanentError
+from reconciler.models import Key
+from reconciler.state import FieldDiff, Observation, Observed, Target
+
+VLAN_UNSUPPORTED = _host.VLAN_UNSUPPORTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,10 +49,159 @@ class NetlinkSettings:
     max_parallel: int = 8
 
 
+@dataclass(slots=True)
+class Facts:
+    """One read of everything the driver owns (see the module docstring)."""
+
+    snap: _host.Snapshot
+    inet: _nft.Listing
+    bridge: _nft.Listing
+    networks: dict[str, dict[str, Any]]
+    routers: dict[str, dict[str, Any]]
+    groups: dict[str, dict[str, Any]]
+
+
 class NetlinkDriver:
+    """Realises Network, Router and SecurityGroup on this host (see the module docstring)."""
+
     name = "netlink"
     kinds = ("Network", "Router", "SecurityGroup")
 
-    def __init__(self, settings: NetlinkSettings):
+    def __init__(self, settings: NetlinkSettings, *, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
+        from reconciler.drivers.netlink._group import Groups
+        from reconciler.drivers.netlink._network import Networks
+        from reconciler.drivers.netlink._router import Routers
+
         self.settings = settings
         self.max_parallel = settings.max_parallel
+        self.home = _names.check_home(settings.home)
+        self.table = _names.table(settings.home)
+        self.sleep = sleep
+        self.clock = clock
+        self.nft = _nft.Nft()
+        self.sidecars = Sidecars(settings.state_dir)
+        #: nftables transactions (read, compute, apply) and sidecar writes, one at a time
+        self.lock = threading.RLock()
+        self._vlan: bool | None = None
+        self.networks = Networks(self)
+        self.routers = Routers(self)
+        self.groups = Groups(self)
+
+    # --- reading ---------------------------------------------------------------------
+
+    def facts(self) -> Facts:
+        return Facts(
+            snap=_host.dump(with_fdb=bool(self.settings.vxlan_peers)),
+            inet=self.nft.list_table(_nft.INET, self.table),
+            bridge=self.nft.list_table(_nft.BRIDGE, self.table),
+            networks=self.sidecars.all(NETWORKS),
+            routers=self.sidecars.all(ROUTERS),
+            groups=self.sidecars.all(GROUPS),
+        )
+
+    def observe(self) -> Observation:
+        facts = self.facts()
+        result = Observation()
+        self.networks.observe(facts, result)
+        self.routers.observe(facts, result)
+        self.groups.observe(facts, result)
+        return result
+
+    def host_name(self, key: Key) -> str:
+        if key.kind == "SecurityGroup":
+            return _names.group_prefix(key)
+        if key.kind == "Router":
+            return _names.router_namespace(key)
+        return _names.bridge(key)
+
+    def describe(self) -> dict[str, str]:
+        """For `reconciler status`: our table, VLAN support, the dnsmasq in use."""
+        return {
+            "table": f"inet {self.table}",
+            "vlan": "available" if self.vlan_supported() else "unavailable (no 8021q in this kernel)",
+            "dnsmasq": f"{shutil.which(self.settings.dnsmasq) or self.settings.dnsmasq} "
+                       f"({_dnsmasq.version(self.settings.dnsmasq)})",
+        }
+
+    def problems(self, kind: str, tenant: str, name: str, spec: Mapping[str, Any]
+                 ) -> list[tuple[tuple[str | int, ...], str]]:
+        """What this host cannot realise, for `plan` to say before anything is changed."""
+        if kind != "Network":
+            return []
+        out: list[tuple[tuple[str | int, ...], str]] = []
+        kind_of = spec.get("type", "vxlan")
+        uplink = self.settings.uplinks.get(f"{tenant}/{name}")
+        if kind_of == "vlan":
+            if not self.vlan_supported():
+                out.append((("type",), VLAN_UNSUPPORTED))
+            if not uplink:
+                out.append((("type",), f"type vlan needs an uplink: set netlink.uplinks[\"{tenant}/{name}\"] "
+                                       "in the host config"))
+        if uplink and kind_of in ("flat", "vlan") and not Path("/sys/class/net", uplink).exists():
+            out.append((("type",), f"uplink {uplink} (host config netlink.uplinks) does not exist on "
+                                   "this host"))
+        return out
+
+    def vlan_supported(self) -> bool:
+        if self._vlan is None:
+            self._vlan = _host.has_8021q()
+        return self._vlan
+
+    # --- acting ----------------------------------------------------------------------
+
+    def create(self, target: Target) -> Observed:
+        return self._kind(target.key).ensure(target)
+
+    def update(self, target: Target, observed: Observed, diffs: Sequence[FieldDiff]) -> Observed:
+        # one idempotent ensure: it compares with the host itself (and repairs drift)
+        return self._kind(target.key).ensure(target)
+
+    def delete(self, observed: Observed) -> None:
+        self._kind(observed.key).delete(observed)
+
+    def orphan(self, observed: Observed) -> Observed:
+        raise PermanentError(f"{observed.key.kind} holds no data: it is deleted, never orphaned")
+
+    def adopt(self, host_name: str, target: Target) -> Observed:
+        """Put our mark on an existing unmarked bridge (``reconciler import``)."""
+        if target.key.kind != "Network":
+            raise PermanentError(f"{target.key.kind} cannot be imported by the netlink driver: "
+                                 "there is no host object to adopt")
+        return self.networks.adopt(host_name, target)
+
+    def _kind(self, key: Key) -> Any:
+        if key.kind == "Network":
+            return self.networks
+        if key.kind == "Router":
+            return self.routers
+        if key.kind == "SecurityGroup":
+            return self.groups
+        raise PermanentError(f"the netlink driver does not realise {key.kind}")
+
+    # --- shared by the kinds ---------------------------------------------------------
+
+    def alias(self, target: Target) -> str:
+        return _names.format_alias(self.home, target.key, target.mark.spec_hash)
+
+    def owns(self, alias: str | None, key: Key) -> bool:
+        mark = _names.parse_alias(alias)
+        return mark is not None and mark.home == self.home and mark.key == key
+
+    def foreign(self, alias: str | None, key: Key) -> str | None:
+        """Why a device carrying `alias` is not `key`'s (None: it is)."""
+        mark = _names.parse_alias(alias)
+        if mark is None:
+            return "has no reconciler mark"
+        if mark.home != self.home:
+            return f"is managed by another reconciler installation (home {mark.home})"
+        if mark.key != key:
+            return f"belongs to {mark.key.display}"
+        return None
+
+    def drop_tables_if_unused(self) -> None:
+        """Our tables go when no network or group of ours is left (call under the lock)."""
+        if not self.sidecars.any(NETWORKS, GROUPS):
+            self.nft.delete_table(_nft.INET, self.table)
+            self.nft.delete_table(_nft.BRIDGE, self.table)
+

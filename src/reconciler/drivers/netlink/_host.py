@@ -32,6 +32,8 @@ _TRANSIENT = {errno.EBUSY, errno.EAGAIN, errno.ENOBUFS, errno.EINTR, errno.ETIME
 _NOT_FOUND = {errno.ENODEV, errno.ENOENT, errno.ESRCH}
 _DENIED = {errno.EPERM, errno.EACCES}
 ZERO_MAC = "00:00:00:00:00:00"
+VLAN_UNSUPPORTED = ("type vlan needs VLAN (8021q) support, which this host's kernel lacks; "
+                    "use vxlan or flat")
 COMMAND_TIMEOUT_S = 30.0
 
 
@@ -108,10 +110,6 @@ class Snapshot:
     routes: list[dict[str, Any]] = field(default_factory=list)
     fdb: dict[int, set[str]] = field(default_factory=dict)  # index -> flood destinations
     namespaces: frozenset[str] = frozenset()
-
-    def master_name(self, link: Link) -> str | None:
-        master = self.by_index.get(link.master) if link.master else None
-        return master.name if master else None
 
     def ports(self, bridge: str) -> list[Link]:
         """The devices enslaved to `bridge`."""
@@ -228,12 +226,13 @@ def add_vlan(name: str, uplink: str, vlan_id: int, mtu: int, alias: str, master:
 
 
 def add_veth(host: str, inside: str, namespace: str, mtu: int) -> None:
-    """A veth pair with one end already in `namespace` (it never appears in ours)."""
+    """A veth pair with one end already in `namespace` (it never appears in ours), that
+    end with its stable MAC (`_names.leg_mac`)."""
     _names.check_ifname(host)
-    _names.check_ifname(inside)
     with translated(f"creating veth {host}"), _ipr() as ipr:
         ipr.link("add", ifname=host, kind="veth", mtu=mtu,
-                 peer={"ifname": inside, "net_ns_fd": _names.check_netns(namespace), "mtu": mtu})
+                 peer={"ifname": inside, "net_ns_fd": _names.check_netns(namespace), "mtu": mtu,
+                       "address": _names.leg_mac(inside)})
     disable_ipv6(host)
 
 
@@ -348,13 +347,16 @@ class Namespace:
         with translated(f"reading devices in {self.name}"):
             return {link.name: link for link in map(_decode_link, self._ipr.get_links())}
 
-    def set_link(self, ifname: str, mtu: int | None = None, alias: str | None = None) -> None:
-        """Link up, with MTU and alias when given."""
+    def set_link(self, ifname: str, mtu: int | None = None, alias: str | None = None,
+                 address: str | None = None) -> None:
+        """Link up, with MTU, alias and MAC when given."""
         options: dict[str, Any] = {"state": "up"}
         if mtu is not None:
             options["mtu"] = mtu
         if alias is not None:
             options["ifalias"] = alias
+        if address is not None:
+            options["address"] = address
         with translated(f"configuring {ifname} in {self.name}"):
             self._ipr.link("set", index=_index(self._ipr, ifname), **options)
 
@@ -389,13 +391,6 @@ class Namespace:
                 return
             self._ipr.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=_index(self._ipr, ifname))
 
-    def default_gateway(self) -> str | None:
-        with translated(f"reading routes in {self.name}"):
-            for msg in self._ipr.get_routes(family=2):
-                if msg["dst_len"] == 0 and msg.get("RTA_GATEWAY") and msg.get("RTA_TABLE", 254) == 254:
-                    return msg.get("RTA_GATEWAY")
-        return None
-
 
 # --- commands -------------------------------------------------------------------------
 
@@ -427,12 +422,18 @@ def in_namespace(namespace: str | None, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", _names.check_netns(namespace), *argv]
 
 
-def enable_forwarding(namespace: str) -> None:
-    """IPv4 forwarding inside a router's namespace only (the host's stays as it is)."""
-    result = run(in_namespace(namespace, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]),
-                 f"enabling forwarding in {namespace}")
+def namespace_sysctls(namespace: str, forwarding: bool) -> None:
+    """Settings inside one of our namespaces (the host's own stay as they are): IPv4
+    forwarding for a router; no IPv6 on the legs (tenant networks are IPv4, and nothing
+    of ours should answer or send IPv6 there)."""
+    settings = ["net.ipv4.ip_forward=1"] if forwarding else []
+    if Path("/proc/sys/net/ipv6").exists():
+        settings += ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
+    if not settings:
+        return
+    result = run(in_namespace(namespace, ["sysctl", "-qw", *settings]), f"setting up namespace {namespace}")
     if result.returncode != 0:
-        raise PermanentError(f"enabling forwarding in {namespace}: {first_lines(result.stderr)}")
+        raise PermanentError(f"setting up namespace {namespace}: {first_lines(result.stderr)}")
 
 
 # --- capabilities ---------------------------------------------------------------------

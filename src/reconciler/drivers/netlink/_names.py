@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 
 from reconciler.errors import PermanentError
-from reconciler.models import Key
+from reconciler.models import NAME_PATTERN, Key
 from reconciler.models._resource import canonical_json
 from reconciler.naming import host_name, short_hash
 
@@ -38,6 +38,7 @@ _CHAIN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
 _NETNS = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 _HOME = re.compile(r"^[0-9a-f]{8}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_INSTANCE = re.compile(NAME_PATTERN)
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _ALIAS_RE = re.compile(
     r"^reconciler:v1 home=(?P<home>[0-9a-f]{8}) key=(?P<key>[A-Za-z]+/[a-z0-9-]+/[a-z0-9-]+)"
@@ -51,46 +52,52 @@ _COMMENT_RE = re.compile(r"^rc:(?P<owner>[0-9a-z-]+):(?P<sha>[0-9a-f]{8})$")
 
 def check_ifname(name: str) -> str:
     """An interface name we derived: [a-z0-9-], at most 15 characters."""
-    if not _IFNAME.match(name):
+    if not _IFNAME.fullmatch(name):
         raise PermanentError(f"refusing interface name {name!r}: not a derived name of ours")
     return name
 
 
 def check_uplink(name: str) -> str:
     """An uplink from the host config (eth1, enp1s0, bond0.5): a plain interface name."""
-    if not _UPLINK.match(name):
+    if not _UPLINK.fullmatch(name):
         raise PermanentError(f"host config: uplink {name!r} is not an interface name")
     return name
 
 
 def check_chain(name: str) -> str:
-    if not _CHAIN.match(name):
+    if not _CHAIN.fullmatch(name):
         raise PermanentError(f"refusing nftables name {name!r}: not a derived name of ours")
     return name
 
 
 def check_netns(name: str) -> str:
-    if not _NETNS.match(name):
+    if not _NETNS.fullmatch(name):
         raise PermanentError(f"refusing namespace name {name!r}: not a derived name of ours")
     return name
 
 
 def check_home(home: str) -> str:
-    if not _HOME.match(home):
+    if not _HOME.fullmatch(home):
         raise PermanentError(f"installation id {home!r} must be 8 hex digits")
     return home
 
 
 def check_mac(mac: str) -> str:
-    if not _MAC.match(mac):
+    if not _MAC.fullmatch(mac):
         raise PermanentError(f"{mac!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
     return mac
 
 
 def check_hostname(name: str) -> str:
-    if not _HOSTNAME.match(name):
-        raise PermanentError(f"{name!r} cannot be a DHCP/DNS host name")
+    """An instance name (the model's name pattern): safe in dnsmasq's files."""
+    if not _INSTANCE.fullmatch(name):
+        raise PermanentError(f"{name!r} is not an instance name")
     return name
+
+
+def dns_label(name: str) -> str:
+    """`name` when it is a valid DNS label, else "" (such a port gets no name in DNS)."""
+    return name if _HOSTNAME.fullmatch(name) else ""
 
 
 # --- networks -------------------------------------------------------------------------
@@ -160,6 +167,14 @@ def gateway_leg(router: Key, network: Key) -> tuple[str, str]:
     return check_ifname("rg-" + h), check_ifname("qg-" + h)
 
 
+def leg_mac(inside: str) -> str:
+    """A stable MAC for a namespace's leg (`fa:16:3e` + 3 bytes of a hash of its name, a
+    locally administered address as Neutron's): a router or DHCP namespace made again
+    answers with the MAC its neighbours' ARP caches already hold."""
+    digest = hashlib.sha256(check_ifname(inside).encode()).hexdigest()[:6]
+    return "fa:16:3e:" + ":".join(digest[i : i + 2] for i in range(0, 6, 2))
+
+
 # --- security groups ------------------------------------------------------------------
 
 
@@ -201,7 +216,7 @@ def parse_alias(text: str | None) -> AliasMark | None:
     """The mark in an alias; None when it is not one of ours (of any installation)."""
     if not text:
         return None
-    m = _ALIAS_RE.match(text.strip())
+    m = _ALIAS_RE.fullmatch(text.strip())
     if not m:
         return None
     return AliasMark(m.group("home"), Key.parse(m.group("key")), m.group("hash"))
@@ -220,5 +235,5 @@ def rule_comment(owner: str, chain: str, expr: object) -> str:
 def comment_owner(comment: str | None) -> str | None:
     if not comment:
         return None
-    m = _COMMENT_RE.match(comment)
+    m = _COMMENT_RE.fullmatch(comment)
     return m.group("owner") if m else None

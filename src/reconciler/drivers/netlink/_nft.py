@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from reconciler.drivers.netlink import _host, _names
 from reconciler.errors import PermanentError
+from reconciler.models import Key
 from reconciler.models._resource import canonical_json
 from reconciler.models.security_group import remote_is_cidr
 
@@ -71,6 +72,10 @@ def payload(protocol: str, field_name: str) -> dict[str, Any]:
 
 def jump(chain: str) -> dict[str, Any]:
     return {"jump": {"target": _names.check_chain(chain)}}
+
+
+def udp(sport: int, dport: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    return match(payload("udp", "sport"), sport), match(payload("udp", "dport"), dport)
 
 
 def ct_state(*states: str) -> dict[str, Any]:
@@ -140,10 +145,11 @@ class BaseChain:
                                   "hook": self.hook, "prio": self.prio, "policy": "accept"}}}
 
 
+REPLIES = ct_state("established", "related")
 INET_BASE = (
     BaseChain("zones", "prerouting", -300),
-    BaseChain("egress", "forward", -10, (rule("egress", BASE_OWNER, ct_state("established", "related"), ACCEPT),)),
-    BaseChain("ingress", "forward", 0, (rule("ingress", BASE_OWNER, ct_state("established", "related"), ACCEPT),)),
+    BaseChain("egress", "forward", -10, (rule("egress", BASE_OWNER, REPLIES, ACCEPT),)),
+    BaseChain("ingress", "forward", 0, (rule("ingress", BASE_OWNER, REPLIES, ACCEPT),)),
 )
 BRIDGE_BASE = (
     BaseChain("forward", "forward", -200,
@@ -205,21 +211,25 @@ class Port:
         )
 
     @property
+    def tenant(self) -> str:
+        """The instance's tenant: its group names are that tenant's (an external network
+        carries other tenants' instances)."""
+        return self.owner.split("/", 1)[0]
+
+    @property
     def filtered(self) -> bool:
         """Port security applies to a port with groups and an address (rules match by it)."""
         return bool(self.groups) and self.ip is not None
 
 
-def network_inet(bridge: str, zone: int, ports: Sequence[Port], group_chains: Mapping[str, tuple[str, str]]
-                 ) -> Owned:
-    """The inet-table part of a network: zone, base-chain jumps, its chains, port chains.
-
-    `group_chains`: group name -> (its ingress chain, its egress chain)."""
+def network_inet(bridge: str, zone: int, ports: Sequence[Port]) -> Owned:
+    """The inet-table part of a network: zone, base-chain jumps, its chains, port chains."""
     owner = _names.net_hash(bridge)
     in_chain, out_chain, _spoof = _names.network_chains(bridge)
     out = Owned(owner)
     out.shared = {
-        "zones": [rule("zones", owner, iifname(bridge), {"mangle": {"key": {"ct": {"key": "zone"}}, "value": zone}})],
+        "zones": [rule("zones", owner, iifname(bridge), {"mangle": {"key": {"ct": {"key": "zone"}},
+                                                                     "value": zone}})],
         "egress": [rule("egress", owner, iifname(bridge), jump(out_chain))],
         "ingress": [rule("ingress", owner, iifname(bridge), jump(in_chain))],
     }
@@ -232,12 +242,10 @@ def network_inet(bridge: str, zone: int, ports: Sequence[Port], group_chains: Ma
         pi, po = _names.port_chains(port.tap)
         out.add(rule(in_chain, owner, match(payload("ip", "daddr"), port.ip), jump(pi)))
         out.add(rule(out_chain, owner, match(payload("ip", "saddr"), port.ip), jump(po)))
-        out.chains[pi] = [rule(pi, owner, match(payload("udp", "sport"), 67), match(payload("udp", "dport"), 68),
-                               ACCEPT)]
-        out.chains[po] = [rule(po, owner, match(payload("udp", "sport"), 68), match(payload("udp", "dport"), 67),
-                               ACCEPT)]
+        out.chains[pi] = [rule(pi, owner, *udp(67, 68), ACCEPT)]  # DHCP replies to the port
+        out.chains[po] = [rule(po, owner, *udp(68, 67), ACCEPT)]  # its DHCP requests and renewals
         for group in port.groups:
-            sg_in, sg_out = group_chains[group]
+            sg_in, sg_out = _names.group_chains(Key("SecurityGroup", port.tenant, group))
             out.add(rule(pi, owner, jump(sg_in)))
             out.add(rule(po, owner, jump(sg_out)))
             for chain in (sg_in, sg_out):
@@ -258,12 +266,15 @@ def network_bridge(bridge: str, ports: Sequence[Port]) -> Owned:
         out.elements[port.tap] = spoof
         tap = iifname(port.tap)
         out.add(rule(spoof, owner, tap, match(payload("ether", "saddr"), port.mac, op="!="), DROP))
+        out.add(rule(spoof, owner, tap, match(payload("arp", "saddr ether"), port.mac, op="!="), DROP))
         if port.ip is not None:
             allowed = {"set": [port.ip, "0.0.0.0"]}  # 0.0.0.0: DHCP requests and ARP probes
             out.add(rule(spoof, owner, tap, match(payload("ether", "type"), "ip"),
                          match(payload("ip", "saddr"), allowed, op="!="), DROP))
             out.add(rule(spoof, owner, tap, match(payload("arp", "saddr ip"), allowed, op="!="), DROP))
         out.add(rule(spoof, owner, tap, match(payload("udp", "sport"), 67), DROP))  # no rogue DHCP servers
+        # tenant networks are IPv4: the groups' rules could not hold IPv6 back
+        out.add(rule(spoof, owner, tap, match(payload("ether", "type"), "ip6"), DROP))
     return out
 
 
@@ -332,7 +343,8 @@ class Listing:
                 out.chains.setdefault(item["chain"]["name"], [])
             elif "rule" in item:
                 r = item["rule"]
-                out.chains.setdefault(r["chain"], []).append(Listed(r["handle"], r.get("comment"), r.get("expr")))
+                listed = Listed(r["handle"], r.get("comment"), r.get("expr"))
+                out.chains.setdefault(r["chain"], []).append(listed)
             elif "map" in item:
                 elements: dict[str, Any] = {}
                 for elem in item["map"].get("elem") or []:
@@ -416,6 +428,17 @@ def drift(listing: Listing, owned: Owned, recorded: Mapping[str, str], family: s
     return problems
 
 
+def base_drift(listing: Listing, family: str, recorded: Mapping[str, str]) -> list[str]:
+    """Whether the base chains and their first rules (replies accepted, the port map) are
+    there: every network depends on them."""
+    if not listing.exists:
+        return []  # reported as the table missing
+    owned = Owned(BASE_OWNER)
+    for base in INET_BASE if family == INET else BRIDGE_BASE:
+        owned.shared[base.name] = list(base.rules)
+    return drift(listing, owned, recorded, family)
+
+
 def _altered(where: str, chain: str, have: Sequence[Listed], recorded: Mapping[str, str]) -> list[str]:
     for listed in have:
         want = recorded.get(listed.comment or "")
@@ -428,7 +451,8 @@ def _altered(where: str, chain: str, have: Sequence[Listed], recorded: Mapping[s
 
 
 def ensure_commands(family: str, table: str, listing: Listing, owned: Owned, recorded: Mapping[str, str],
-                    stale_chains: Iterable[str] = (), stale_elements: Iterable[str] = ()) -> list[dict[str, Any]]:
+                    stale_chains: Iterable[str] = (), stale_elements: Iterable[str] = ()
+                    ) -> list[dict[str, Any]]:
     """One transaction bringing `owned` to the table: only chains that differ are
     flushed and rewritten; chains the object no longer owns are emptied and deleted."""
     t = {"family": family, "table": table}
@@ -438,11 +462,16 @@ def ensure_commands(family: str, table: str, listing: Listing, owned: Owned, rec
         cmds.append({"add": {"map": {**_tname(t), "name": PORTS_MAP, "type": "ifname", "map": "verdict"}}})
     for base in bases:
         cmds.append(base.command(family, table))
-        have = {x.comment for x in listing.chains.get(base.name, [])}
+        have = {x.comment: x for x in listing.chains.get(base.name, [])}
         for r in reversed(base.rules):
-            if r.comment not in have:
+            listed = have.get(r.comment)
+            if listed is not None and _altered("", base.name, [listed], recorded):
+                cmds.append({"delete": {"rule": {**t, "chain": base.name, "handle": listed.handle}}})
+                listed = None
+            if listed is None:
                 cmds.append(r.command("insert", family, table))  # first in the chain
-    for chain in owned.needed:
+    # every chain first: a rule may only jump to a chain that exists
+    for chain in [*owned.needed, *owned.chains]:
         cmds.append({"add": {"chain": {**_tname(t), "name": chain}}})
     for chain, rules in owned.chains.items():
         have = listing.chains.get(chain)
@@ -450,7 +479,6 @@ def ensure_commands(family: str, table: str, listing: Listing, owned: Owned, rec
                   and not _altered("", chain, have, recorded))
         if intact:
             continue
-        cmds.append({"add": {"chain": {**_tname(t), "name": chain}}})
         cmds.append({"flush": {"chain": {**_tname(t), "name": chain}}})
         cmds.extend(r.command("add", family, table) for r in rules)
     for chain, rules in owned.shared.items():
