@@ -6,9 +6,11 @@ temporary name starts with `.tmp-`, which readers skip.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path, data: str | bytes, mode: int = 0o600) -> None:
@@ -22,3 +24,15 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o600) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object file: None when it does not exist, {} when unreadable or not an object
+    (a damaged file is treated as empty, never as a crash of observe)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

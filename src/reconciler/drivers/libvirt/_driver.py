@@ -44,7 +44,7 @@ from reconciler.drivers.libvirt._host import Host, libvirt, translated
 from reconciler.drivers.libvirt._probe import DomainType, choose_domain_type
 from reconciler.drivers.libvirt._seed import NicSeed, SeedData, write_seed_iso
 from reconciler.errors import Conflict, NotFound, PermanentError, TransientError
-from reconciler.fileio import write_atomic
+from reconciler.fileio import read_json_object, write_atomic
 from reconciler.models import Key, UpdatePolicy
 from reconciler.models.network import NetworkSpec, gateway_of
 from reconciler.naming import host_name, mac_address, tap_name
@@ -213,7 +213,7 @@ class LibvirtDriver:
         if not folder.is_dir():
             return result
         for meta in sorted(folder.glob("rc-*.json")):
-            data = _read_json(meta)
+            data = read_json_object(meta)
             if data is None or data.get("retired"):
                 continue
             try:
@@ -256,7 +256,7 @@ class LibvirtDriver:
         mark = dataclasses.replace(observed.mark, orphaned=True)
         if observed.key.kind == "Image":
             meta = self.settings.image_dir / f"{observed.identity}.json"
-            data = _read_json(meta)
+            data = read_json_object(meta)
             if data is None:
                 raise NotFound(f"{observed.key.display}: {meta} is gone")
             data["mark"] = mark.to_dict()
@@ -320,8 +320,8 @@ class LibvirtDriver:
             os.chmod(tmp, 0o644)
             stem = f"{base}-{sha[:12]}"
             meta = folder / f"{stem}.json"
-            if meta.exists() and not (_read_json(meta) or {}).get("retired"):
-                data = _read_json(meta) or {}
+            if meta.exists() and not (read_json_object(meta) or {}).get("retired"):
+                data = read_json_object(meta) or {}
                 if _mark_key(data) != target.key:
                     raise Conflict(f"{meta} belongs to another resource")
             final = folder / f"{stem}.{fmt}"
@@ -336,7 +336,7 @@ class LibvirtDriver:
 
     def _update_image(self, target: Target, observed: Observed) -> Observed:
         meta = self.settings.image_dir / f"{observed.identity}.json"
-        data = _read_json(meta)
+        data = read_json_object(meta)
         if data is None:
             raise NotFound(f"{observed.key.display}: {meta} is gone")
         if _mark_key(data) != observed.key:
@@ -350,7 +350,7 @@ class LibvirtDriver:
         folder = self.settings.image_dir
         meta = folder / f"{observed.identity}.json"
         with self._image_lock:
-            data = _read_json(meta)
+            data = read_json_object(meta)
             if data is None:
                 return
             if _mark_key(data) != observed.key:
@@ -379,7 +379,7 @@ class LibvirtDriver:
 
     def _collect_retired(self) -> None:
         for meta in self.settings.image_dir.glob("rc-*.json"):
-            data = _read_json(meta)
+            data = read_json_object(meta)
             if data and data.get("retired"):
                 image = self.settings.image_dir / str(data.get("file", ""))
                 if not data.get("file") or not self._image_users(image):
@@ -585,11 +585,11 @@ class LibvirtDriver:
         write_atomic(sidecar, text, 0o600)
 
     def _instance_id(self, directory: Path) -> str:
-        data = _read_json(directory / "seed.json") or {}
+        data = read_json_object(directory / "seed.json") or {}
         return str(data.get("instance_id") or uuidlib.uuid4())
 
     def _seed_json(self, domain_name: str) -> dict[str, Any] | None:
-        data = _read_json(self.settings.instance_dir / domain_name / "seed.json")
+        data = read_json_object(self.settings.instance_dir / domain_name / "seed.json")
         if data is None:
             return None
         return {"userData": data.get("user_data")}
@@ -799,14 +799,6 @@ def _make_dirs(path: Path) -> None:
     os.chmod(path, 0o755)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _write_json(path: Path, data: Mapping[str, Any], mode: int) -> None:

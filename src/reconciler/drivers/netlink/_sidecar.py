@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from reconciler.errors import PermanentError
-from reconciler.fileio import write_atomic
+from reconciler.fileio import read_json_object, write_atomic
 
 NETWORKS = "networks"
 ROUTERS = "routers"
@@ -34,7 +34,7 @@ class Sidecars:
 
     def read(self, folder: str, name: str) -> dict[str, Any] | None:
         """The sidecar's data; None when there is none; {} when it is unreadable."""
-        return _read(self.path(folder, name))
+        return read_json_object(self.path(folder, name))
 
     def all(self, folder: str) -> dict[str, dict[str, Any]]:
         """name -> data for every sidecar in `folder` (temporary files skipped)."""
@@ -44,7 +44,7 @@ class Sidecars:
         out = {}
         for path in sorted(base.glob("*.json")):
             if not path.name.startswith("."):
-                out[path.stem] = _read(path) or {}
+                out[path.stem] = read_json_object(path) or {}
         return out
 
     def write(self, folder: str, name: str, data: Mapping[str, Any]) -> None:
@@ -65,11 +65,3 @@ class Sidecars:
         return any(self.all(folder) for folder in folders)
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
