@@ -109,7 +109,8 @@ def base_manifest(env: HostEnv) -> str:
         text += (
             "---\napiVersion: reconciler/v1\nkind: Network\n"
             f"metadata: {{name: {bridge.network}, tenant: {env.tenant}}}\n"
-            f"spec: {{type: flat, subnets: [{{cidr: {bridge.subnet}}}]}}\n"
+            # the networks are in memory here (no dnsmasq): guests take static addresses
+            f"spec: {{type: flat, subnets: [{{cidr: {bridge.subnet}, dhcp: {{enabled: false}}}}]}}\n"
         )
     return text
 

@@ -40,9 +40,10 @@ class Groups:
         derived = dict(data.get("derived") or {})
         drift = _nft.drift(facts.inet, self.owned(prefix, spec, derived), data.get("rules") or {}, _nft.INET)
         host = {"chain": prefix, "table": f"inet {self.d.table}", "driver": "netlink"}
-        # what is realised: the remotes as recorded while the chains are intact
+        # the remotes as recorded; a damaged chain is reported as drift (the plan says so and
+        # apply rewrites the chains), not as a change of other resources
         return Observed(mark.key, prefix, spec, mark, host,
-                        derived=derived if not drift else {}, drift=tuple(drift))
+                        derived=derived, drift=tuple(drift))
 
     def ensure(self, target: Target) -> Observed:
         prefix = _names.group_prefix(target.key)
