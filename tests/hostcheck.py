@@ -41,12 +41,41 @@ def host_unready() -> tuple[str, ...]:
     return tuple(reasons)
 
 
-def require_host() -> None:
-    """Skip (or, with RECONCILER_REQUIRE_HOST=1, fail) when the real host is not ready."""
-    reasons = host_unready()
+#: what the netlink driver runs (scripts/setup-network.sh installs them)
+NETWORK_TOOLS = ("ip", "nft", "dnsmasq", "busybox", "ping")
+
+
+@functools.cache
+def network_unready() -> tuple[str, ...]:
+    """Why the netlink driver's real-kernel tests cannot run here (empty: they can)."""
+    reasons = []
+    if os.geteuid() != 0:
+        reasons.append("needs root (bridges, namespaces, nftables)")
+    reasons += [f"{tool} missing: run scripts/setup-network.sh" for tool in NETWORK_TOOLS
+                if shutil.which(tool) is None]
+    if not Path("/proc/sys/net/bridge").exists():
+        reasons.append("br_netfilter is not loaded: run scripts/setup-network.sh")
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:
+        reasons.append("pyroute2 is not installed: run make setup")
+    return tuple(reasons)
+
+
+def _require(reasons: tuple[str, ...]) -> None:
     if not reasons:
         return
     message = "; ".join(reasons)
     if os.environ.get(REQUIRE_VAR) == "1":
         pytest.fail(f"the real host is required here ({REQUIRE_VAR}=1) but: {message}", pytrace=False)
     pytest.skip(message)
+
+
+def require_host() -> None:
+    """Skip (or, with RECONCILER_REQUIRE_HOST=1, fail) when the real host is not ready."""
+    _require(host_unready())
+
+
+def require_network() -> None:
+    """Like `require_host()`, for the netlink driver alone (no libvirt needed)."""
+    _require(network_unready())

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from hostcheck import TEST_IMAGE, require_host
+from hostcheck import TEST_IMAGE, require_host, require_network
 from reconciler.models import KINDS, Key
 from reconciler.models._resource import spec_hash
 from reconciler.naming import host_name
@@ -159,32 +159,6 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
 
 
 # --- networks: the memory driver and the netlink driver -------------------------------
-
-NETWORK_TOOLS = ("ip", "nft", "dnsmasq")
-
-
-def require_network_tools() -> None:
-    """Like `require_host()`, for the netlink driver alone: root, iproute2, nftables,
-    dnsmasq and pyroute2 (no libvirt needed). Fails instead of skipping under
-    RECONCILER_REQUIRE_HOST=1."""
-    from hostcheck import REQUIRE_VAR
-
-    reasons = []
-    if os.geteuid() != 0:
-        reasons.append("needs root (bridges, namespaces, nftables)")
-    reasons += [f"{tool} missing: run scripts/setup-network.sh" for tool in NETWORK_TOOLS
-                if shutil.which(tool) is None]
-    try:
-        import pyroute2  # noqa: F401
-    except ImportError:
-        reasons.append("pyroute2 is not installed: run make setup")
-    if not reasons:
-        return
-    message = "; ".join(reasons)
-    if os.environ.get(REQUIRE_VAR) == "1":
-        pytest.fail(f"the real host is required here ({REQUIRE_VAR}=1) but: {message}", pytrace=False)
-    pytest.skip(message)
-
 
 class NetlinkHarness:
     """The netlink driver on the real kernel, with a state dir and an installation id
@@ -336,7 +310,7 @@ def net_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]
     if request.param == "memory":
         h: Any = MemoryHarness(tmp_path)
     else:
-        require_network_tools()
+        require_network()
         TEST_ROOT.mkdir(parents=True, exist_ok=True)
         os.chmod(TEST_ROOT, 0o755)
         root = TEST_ROOT / f"net-{tenant}"

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import secrets
-import shutil
 import signal
 import subprocess
 import time
@@ -37,13 +36,12 @@ from typing import Any
 import pytest
 
 from conftest import IMAGE, RECONCILER, REPO, TENANT_PREFIX, TEST_TMP, URI, HostEnv, _make_dir, run, wait_for
-from hostcheck import REQUIRE_VAR, require_host
+from hostcheck import require_host, require_network
 from reconciler.models import Key
 from reconciler.naming import host_name, short_hash
 
 PYTHON = REPO / ".venv" / "bin" / "python"
 PROBE = Path(__file__).with_name("_netprobe.py")
-NETWORK_TOOLS = ("ip", "nft", "dnsmasq", "busybox", "ping")
 #: 10.251.X.0/24 for the tenant subnets of these tests (the instance tests use 10.253, the
 #: instance benchmark 10.252, the network benchmark 10.250); everything lives in namespaces
 SUBNET_BASE = "10.251"
@@ -66,19 +64,11 @@ exit 0
 """
 
 
-def require_network_host() -> None:
-    """require_host(), and the network tools (scripts/setup-network.sh) and br_netfilter."""
-    require_host()
-    reasons = [f"{tool} missing: run scripts/setup-network.sh" for tool in NETWORK_TOOLS
-               if shutil.which(tool) is None]
-    if not Path("/proc/sys/net/bridge").exists():
-        reasons.append("br_netfilter is not loaded: run scripts/setup-network.sh")
-    if not reasons:
-        return
-    message = "; ".join(reasons)
-    if os.environ.get(REQUIRE_VAR) == "1":
-        pytest.fail(f"the real host is required here ({REQUIRE_VAR}=1) but: {message}", pytrace=False)
-    pytest.skip(message)
+def require_network_host(compute: str = "memory") -> None:
+    """The netlink driver's tools; with `compute="libvirt"` libvirtd and the test guest too."""
+    require_network()
+    if compute == "libvirt":
+        require_host()
 
 
 def home_of(state_dir: Path) -> str:
@@ -518,7 +508,7 @@ def host_config(env: NetEnv, compute: str = "memory", domain_type: str = "qemu")
 def net_env(others: Sequence[str] = (), compute: str = "memory") -> Iterator[NetEnv]:
     """A NetEnv with a main tenant and one more `rctest<hex>` tenant per label in `others`;
     Network, Router and SecurityGroup on netlink, Image and Instance on `compute`."""
-    require_network_host()
+    require_network_host(compute)
     if not RECONCILER.exists():
         pytest.fail(f"{RECONCILER} missing: install the project into .venv", pytrace=False)
     tenant = f"{TENANT_PREFIX}{secrets.token_hex(4)}"

@@ -90,14 +90,17 @@ class NetlinkDriver:
 
     # --- reading ---------------------------------------------------------------------
 
-    def facts(self) -> Facts:
+    def facts(self, sidecars: bool = True) -> Facts:
+        """The host as this driver sees it; `sidecars=False` for one object's result after
+        a change (its own sidecar is at hand: reading every other one would make applying
+        N objects cost N² file reads)."""
         return Facts(
             snap=_host.dump(with_fdb=bool(self.settings.vxlan_peers)),
             inet=self.nft.list_table(_nft.INET, self.table),
             bridge=self.nft.list_table(_nft.BRIDGE, self.table),
-            networks=self.sidecars.all(NETWORKS),
-            routers=self.sidecars.all(ROUTERS),
-            groups=self.sidecars.all(GROUPS),
+            networks=self.sidecars.all(NETWORKS) if sidecars else {},
+            routers=self.sidecars.all(ROUTERS) if sidecars else {},
+            groups=self.sidecars.all(GROUPS) if sidecars else {},
         )
 
     def observe(self) -> Observation:

@@ -55,15 +55,15 @@ class Groups:
             self.d.sidecars.write(GROUPS, prefix, sidecar)
             before = self.d.nft.list_table(_nft.INET, self.d.table)
             self.d.nft.apply(_nft.ensure_commands(_nft.INET, self.d.table, before, owned, sidecar["rules"]))
-        facts = self.d.facts()  # the fingerprints to record, and the result
+        facts = self.d.facts(sidecars=False)  # the fingerprints to record, and the result
         with self.d.lock:
             sidecar["rules"] = facts.inet.fingerprints(owned.owner)
             self.d.sidecars.write(GROUPS, prefix, sidecar)
         return self.observed(facts, prefix, sidecar)
 
     def observe_one(self, prefix: str) -> Observed:
-        facts = self.d.facts()
-        data = facts.groups.get(prefix)
+        facts = self.d.facts(sidecars=False)
+        data = self.d.sidecars.read(GROUPS, prefix)
         if not data:
             raise NotFound(f"security group sidecar for {prefix} is gone")
         return self.observed(facts, prefix, data)

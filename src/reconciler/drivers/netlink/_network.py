@@ -94,8 +94,8 @@ class Networks:
             result.unowned.append(Unowned("Network", link.name, detail))
 
     def observe_one(self, bridge: str) -> Observed:
-        facts = self.d.facts()
-        data = facts.networks.get(bridge)
+        facts = self.d.facts(sidecars=False)
+        data = self.d.sidecars.read(NETWORKS, bridge)
         if not data:
             raise NotFound(f"network sidecar for {bridge} is gone")
         return self.observed(facts, bridge, data)
@@ -308,7 +308,7 @@ class Networks:
         with self.d.lock:
             self._ensure_rules(bridge, zone, ports, old, sidecar["rules"])
         # one read of the host for both: the rules' fingerprints to record, and the result
-        facts = self.d.facts()
+        facts = self.d.facts(sidecars=False)
         with self.d.lock:
             sidecar["rules"] = self._fingerprints(facts, bridge)
             self.d.sidecars.write(NETWORKS, bridge, sidecar)

@@ -66,8 +66,8 @@ class Routers:
                                               "reconciler installation"))
 
     def observe_one(self, ns: str) -> Observed:
-        facts = self.d.facts()
-        data = facts.routers.get(ns)
+        facts = self.d.facts(sidecars=False)
+        data = self.d.sidecars.read(ROUTERS, ns)
         if not data:
             raise NotFound(f"router sidecar for {ns} is gone")
         return self.observed(facts, ns, data)
