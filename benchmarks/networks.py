@@ -501,7 +501,7 @@ def report(results: Mapping[str, Any], args: argparse.Namespace, command: str) -
         f"- Without DHCP, a network cost {_s(p50 / d)} to create among {d} and {_s(op['apply'] / n)} "
         f"among {n} (destroy: {_s(x50 / d)} and {_s(op['destroy'] / n)})"
         + (": apply does not scale linearly. The driver reads the whole host again around every change "
-           "(the link dump, both nftables tables and every sidecar file: `NetlinkDriver.facts()`), so "
+           "(the link dump and both nftables tables, listed whole: `NetlinkDriver.facts()`), so "
            "each change costs more the more networks there are, and an apply of N networks grows "
            "roughly with N²." if n > d and op["apply"] / n > 1.5 * p50 / d else
            ": about linear.")
