@@ -25,6 +25,12 @@ from .conftest import target
 NET = "10.248"
 
 
+def dhcp_namespace_of(bridge: str) -> str:
+    from reconciler.drivers.netlink._names import dhcp_namespace
+
+    return dhcp_namespace(bridge)
+
+
 def observed(driver: Any, key: Key) -> list[Observed]:
     return [o for o in driver.observe().owned if o.key == key]
 
@@ -101,7 +107,8 @@ def test_a_null_mtu_reads_back_null(net_harness: Any) -> None:
     assert seen.spec["mtu"] is None
     if is_netlink(h):
         assert h.link(seen.host["bridge"])["mtu"] == 1500
-        assert seen.host["namespace"] not in h.namespaces()  # no subnet, no DHCP namespace
+        assert "namespace" not in seen.host  # no subnet, no DHCP namespace
+        assert dhcp_namespace_of(seen.host["bridge"]) not in h.namespaces()
 
 
 def test_mtu_changes_in_place(net_harness: Any) -> None:
@@ -167,7 +174,7 @@ def test_delete_removes_everything_and_is_idempotent(net_harness: Any) -> None:
     assert observed(h.driver, t.key) == []
     if is_netlink(h):
         assert h.link(seen.identity) is None and h.link("rv-" + seen.identity[3:]) is None
-        assert seen.host["namespace"] not in h.namespaces()
+        assert dhcp_namespace_of(seen.identity) not in h.namespaces()
         assert h.leftovers() == []
         assert not (h.root / "netlink" / "dhcp" / seen.identity).exists()
 

@@ -147,8 +147,9 @@ class Networks:
         if (nft_drift or not dhcp_ok) and "ports" in derived:  # say which ports are still realised
             derived["ports"] = [raw for raw, port in zip(derived.get("ports") or [], ports)
                                 if self._port_realised(facts, bridge, zone, port, recorded, dhcp_ok)]
-        host = {"bridge": bridge, "namespace": _names.dhcp_namespace(bridge), "driver": "netlink",
-                "mtu": str(kernel_mtu)}
+        host = {"bridge": bridge, "driver": "netlink", "mtu": str(kernel_mtu)}
+        if any(s.dhcp.enabled for s in model.subnets):
+            host["namespace"] = _names.dhcp_namespace(bridge)
         return Observed(key, bridge, spec, mark, host, derived=derived, drift=tuple(drift))
 
     def _segment_drift(self, facts: "Facts", key: Key, bridge: str, model: NetworkSpec, spec: dict[str, Any],
@@ -249,8 +250,7 @@ class Networks:
                 spec.update(type="vxlan", vni=port.data.get("IFLA_VXLAN_ID"))
             elif port.kind == "vlan":
                 spec.update(type="vlan", vlanId=port.data.get("IFLA_VLAN_ID"))
-        host = {"bridge": link.name, "namespace": _names.dhcp_namespace(link.name), "driver": "netlink",
-                "mtu": str(link.mtu)}
+        host = {"bridge": link.name, "driver": "netlink", "mtu": str(link.mtu)}
         sidecar = self.d.sidecars.path(NETWORKS, link.name)
         return Observed(mark.key, link.name, spec, Mark(mark.key, mark.spec_hash, {}), host,
                         drift=(f"sidecar {sidecar} is missing",))
