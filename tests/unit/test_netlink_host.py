@@ -45,18 +45,21 @@ def test_translated_reraises_as_ours() -> None:
 
 
 def test_vlan_support_is_found_without_loading_anything(tmp_path: Path) -> None:
-    if Path("/proc/net/vlan").exists():
-        pytest.skip("this kernel has 8021q loaded")
+    proc = tmp_path / "proc"  # a /proc without net/vlan: 8021q is not loaded
+    (proc / "net").mkdir(parents=True)
     release = tmp_path / "6.1.0-test"
     release.mkdir()
-    assert not _host.has_8021q("6.1.0-test", tmp_path)
+    assert not _host.has_8021q("6.1.0-test", tmp_path, proc)
     (release / "modules.builtin").write_text("kernel/net/bridge/bridge.ko\nkernel/net/8021q/8021q.ko\n")
-    assert _host.has_8021q("6.1.0-test", tmp_path)
+    assert _host.has_8021q("6.1.0-test", tmp_path, proc)
     (release / "modules.builtin").write_text("kernel/net/bridge/bridge.ko\n")
     module = release / "kernel/net/8021q/8021q.ko.xz"
     module.parent.mkdir(parents=True)
     module.write_bytes(b"")
-    assert _host.has_8021q("6.1.0-test", tmp_path)
+    assert _host.has_8021q("6.1.0-test", tmp_path, proc)
+    module.unlink()
+    (proc / "net" / "vlan").mkdir()  # loaded (or built in): /proc/net/vlan exists
+    assert _host.has_8021q("6.1.0-test", tmp_path, proc)
 
 
 def test_first_lines() -> None:

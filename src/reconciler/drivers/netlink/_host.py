@@ -439,11 +439,12 @@ def namespace_sysctls(namespace: str, forwarding: bool) -> None:
 # --- capabilities ---------------------------------------------------------------------
 
 
-def has_8021q(release: str | None = None, modules: Path = Path("/lib/modules")) -> bool:
+def has_8021q(release: str | None = None, modules: Path = Path("/lib/modules"),
+              proc: Path = Path("/proc")) -> bool:
     """Whether this kernel can make VLAN devices, found without side effects (no module
     loading, no probe device): /proc/net/vlan exists when 8021q is loaded or built in;
     otherwise look for it among the kernel's modules."""
-    if Path("/proc/net/vlan").exists():
+    if (proc / "net" / "vlan").exists():
         return True
     release = release or os.uname().release
     base = modules / release
