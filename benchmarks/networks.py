@@ -52,6 +52,7 @@ from typing import Any
 
 from reconciler.models import Key
 from reconciler.naming import host_name
+from reconciler.procs import is_alive
 
 REPO = Path(__file__).resolve().parent.parent
 RECONCILER = REPO / ".venv" / "bin" / "reconciler"
@@ -74,14 +75,6 @@ def run(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Comp
     return result
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # a zombie is dead
-
-
 def processes_mentioning(text: str) -> dict[int, str]:
     found = {}
     for entry in os.listdir("/proc"):
@@ -91,7 +84,7 @@ def processes_mentioning(text: str) -> dict[int, str]:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in cmd and _alive(int(entry)):
+        if text in cmd and is_alive(int(entry)):
             found[int(entry)] = cmd.strip()
     return found
 

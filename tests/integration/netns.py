@@ -150,6 +150,8 @@ def nft_tables(namespace: str | None = None) -> set[tuple[str, str]]:
             if "table" in o}
 
 
+# Process checks read /proc here on purpose instead of calling reconciler.procs: the
+# tests verify what the driver did with their own reading of the host.
 def proc_state(pid: int) -> str | None:
     """The state letter in /proc/PID/stat (Z: a zombie), None when the process is gone."""
     try:

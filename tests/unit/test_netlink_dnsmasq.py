@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler import procs
 from reconciler.drivers.netlink import _dnsmasq
 from reconciler.drivers.netlink._nft import Port
 
@@ -112,9 +113,9 @@ def fake_proc(root: Path, pid: int, state: str, argv: list[str]) -> Path:
 def test_process_state_and_zombies(tmp_path: Path) -> None:
     proc = fake_proc(tmp_path / "proc", 42, "S", ["dnsmasq"])
     fake_proc(proc, 43, "Z", ["dnsmasq"])
-    assert _dnsmasq.process_state(42, proc) == "S" and _dnsmasq.is_alive(42, proc)
-    assert not _dnsmasq.is_alive(43, proc)  # a zombie is dead
-    assert not _dnsmasq.is_alive(44, proc) and _dnsmasq.process_state(44, proc) is None
+    assert procs.process_state(42, proc) == "S" and procs.is_alive(42, proc)
+    assert not procs.is_alive(43, proc)  # a zombie is dead
+    assert not procs.is_alive(44, proc) and procs.process_state(44, proc) is None
 
 
 def test_running_is_ours_only_with_our_hosts_file(tmp_path: Path) -> None:
@@ -137,7 +138,7 @@ def test_stop_waits_until_the_process_is_gone() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         _dnsmasq.stop(child.pid)
-        assert not _dnsmasq.is_alive(child.pid)  # a zombie until reaped: dead already
+        assert not procs.is_alive(child.pid)  # a zombie until reaped: dead already
     finally:
         child.kill()
         child.wait()

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping
 from reconciler.errors import Problem
 from reconciler.models import Desired, Key, Resource
 from reconciler.models.network import NetworkSpec, Subnet, dhcp_range_of, dhcp_server_of, gateway_of
+from reconciler.models.security_group import remote_is_cidr
 from reconciler.naming import mac_address, tap_name
 from reconciler.state import Observed
 
@@ -38,6 +39,7 @@ class Ports:
 
     def __init__(self, desired: Desired, primaries: Mapping[Key, Observed]):
         self.problems: list[Problem] = []
+        self._candidate_cache: dict[tuple[Any, ...], list[list[IPv4Address]]] = {}
         self._subnets: dict[NetKey, list[Subnet]] = {}
         self._used: dict[NetKey, set[IPv4Address]] = defaultdict(set)
         for res in desired.of_kind("Network"):
@@ -90,7 +92,8 @@ class Ports:
             if ip is None and self._subnets.get(net):
                 self.problems.append(Problem(
                     res.source.file, res.line_of(("spec", "networks", i)),
-                    f"no free address left on network {net[0]}/{net[1]} for this NIC",
+                    f"no free address left on network {net[0]}/{net[1]} for this NIC: widen its "
+                    "subnet, add a subnet, or remove an instance from it",
                     res.key.display, f"spec.networks[{i}]"))
             self.nic_ip[(res.key, i)] = None if ip is None else str(ip)
         for res, ext in pending_routers:
@@ -99,7 +102,8 @@ class Ports:
                 self.problems.append(Problem(
                     res.source.file, res.line_of(("spec", "external")),
                     f"no free address left on the external network {ext[0]}/{ext[1]} for the "
-                    "router's gateway", res.key.display, "spec.external"))
+                    "router's gateway: widen its subnet or remove an instance from it",
+                    res.key.display, "spec.external"))
             self.router_ip[res.key] = None if ip is None else self._with_prefix(ext, ip)
 
         self._ports: dict[NetKey, list[dict[str, Any]]] = defaultdict(list)
@@ -145,7 +149,7 @@ class Ports:
         if key.kind == "SecurityGroup":
             remotes = {}
             for rule in res.spec.rules:  # type: ignore[attr-defined]
-                if not _is_cidr(rule.remote):
+                if not remote_is_cidr(rule.remote):
                     members = self._members.get((key.tenant, rule.remote), set())
                     remotes[rule.remote] = [str(a) for a in sorted(members)]
             return {"remotes": remotes}
@@ -168,7 +172,7 @@ class Ports:
 
     def _allocate(self, net: NetKey, seed: str, *, inside_range_first: bool) -> IPv4Address | None:
         for subnet in self._subnets.get(net, ()):
-            for candidates in _candidates(subnet, inside_range_first):
+            for candidates in self._candidates(subnet, inside_range_first):
                 if not candidates:
                     continue
                 start = int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16) % len(candidates)
@@ -178,6 +182,13 @@ class Ports:
                         self._used[net].add(ip)
                         return ip
         return None
+
+    def _candidates(self, subnet: Subnet, inside_range_first: bool) -> list[list[IPv4Address]]:
+        """A subnet's candidate lists, built once per plan (a /16 has 64Ki of them)."""
+        key = (subnet.cidr, dhcp_range_of(subnet), inside_range_first)
+        if key not in self._candidate_cache:
+            self._candidate_cache[key] = _candidates(subnet, inside_range_first)
+        return self._candidate_cache[key]
 
     def _with_prefix(self, net: NetKey, ip: IPv4Address) -> str:
         for subnet in self._subnets.get(net, ()):
@@ -226,12 +237,6 @@ def _external(res: Resource) -> NetKey | None:
         return None
     other, _, name = external.rpartition("/")
     return (other or res.key.tenant, name)
-
-
-def _is_cidr(remote: str) -> bool:
-    from reconciler.models.security_group import remote_is_cidr
-
-    return remote_is_cidr(remote)
 
 
 def derived_diffs(new: Mapping[str, Any], old: Mapping[str, Any]) -> Iterable[tuple[tuple[str, ...], Any, Any]]:

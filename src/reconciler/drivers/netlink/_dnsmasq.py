@@ -25,6 +25,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Callable, Sequence
 
+from reconciler.procs import is_alive
 from reconciler.drivers.netlink import _host, _names
 from reconciler.drivers.netlink._nft import Port
 from reconciler.errors import DriverError, PermanentError, TransientError
@@ -206,22 +207,6 @@ def files_differ(files: dict[Path, str]) -> list[Path]:
 
 
 # --- processes ------------------------------------------------------------------------
-
-
-def process_state(pid: int, proc: Path = Path("/proc")) -> str | None:
-    """The state letter of a process (R, S, Z...); None when there is none."""
-    try:
-        stat = (proc / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    _, _, rest = stat.rpartition(")")
-    parts = rest.split()
-    return parts[0] if parts else None
-
-
-def is_alive(pid: int, proc: Path = Path("/proc")) -> bool:
-    """Zombies (Z) and dead tasks (X) are dead: killed processes here may stay zombies a while."""
-    return process_state(pid, proc) not in (None, "Z", "X", "x")
 
 
 def read_pid(path: Path) -> int | None:

@@ -20,6 +20,7 @@ from reconciler.drivers.netlink._sidecar import GROUPS, NETWORKS
 from reconciler.errors import Conflict, NotFound, PermanentError
 from reconciler.models import Key
 from reconciler.models.network import NetworkSpec, default_mtu, dhcp_range_of, dhcp_server_of, gateway_of
+from reconciler.procs import is_alive
 from reconciler.state import Mark, Observation, Observed, Target, Unowned
 
 if TYPE_CHECKING:
@@ -600,7 +601,7 @@ def _port_chains_of(listing: _nft.Listing, owner: str) -> list[str]:
 def _stop_in(folder: Path, program: str, sleep: Any, clock: Any) -> None:
     """Stop the dnsmasq whose files are in `folder`, if it is running and ours."""
     pid = _dnsmasq.read_pid(folder / "pid")
-    if pid is None or not _dnsmasq.is_alive(pid):
+    if pid is None or not is_alive(pid):
         return
     argv = _dnsmasq.cmdline(pid) or []
     if argv and f"--dhcp-hostsfile={folder / 'hosts'}" in argv:

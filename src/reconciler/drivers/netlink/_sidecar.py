@@ -62,6 +62,8 @@ class Sidecars:
         self.path(folder, name).unlink(missing_ok=True)
 
     def any(self, *folders: str) -> bool:
-        return any(self.all(folder) for folder in folders)
+        """Whether any sidecar exists in `folders` (names only: no file is read)."""
+        return any(not path.name.startswith(".")
+                   for folder in folders for path in (self.root / folder).glob("*.json"))
 
 
