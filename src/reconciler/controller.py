@@ -16,7 +16,7 @@ import networkx as nx
 import structlog
 
 from reconciler.dependencies import build_graph
-from reconciler.drivers.base import Adopting, Describing, Driver, Validating
+from reconciler.drivers.base import Admitting, Adopting, Attachable, Defaulting, Describing, Driver, Validating
 from reconciler.drivers.registry import build_drivers
 from reconciler.errors import Problem, ReconcilerError, ValidationFailed, format_path
 from reconciler.executor import ApplyResult, Executor, Outcome, observe_all
@@ -24,9 +24,9 @@ from reconciler.hostconfig import HostConfig
 from reconciler.journal import Journal
 from reconciler.loader import load
 from reconciler.lock import HostLock
-from reconciler.models import Desired, Key
+from reconciler.models import Desired, Key, Resource
 from reconciler.planner import Action, Change, Plan, plan
-from reconciler.state import Observation, Observed, Unowned
+from reconciler.state import Observation, Observed, Proposal, Unowned
 
 log = structlog.get_logger("reconciler.controller")
 
@@ -105,16 +105,56 @@ class Controller:
         return found
 
     def host_problems(self, desired: Desired) -> list[Problem]:
-        """What this host cannot realise (e.g. vlan without 8021q), per resource and field."""
+        """What this host cannot realise (e.g. vlan without 8021q, an LVM volume to attach
+        without device-mapper), per resource and field."""
         found = []
         for res in desired:
             drv = self.drivers.get(res.key.kind)
-            if not isinstance(drv, Validating):
+            if isinstance(drv, Validating):
+                for path, message in drv.problems(res.key.kind, res.key.tenant, res.key.name, res.spec_full):
+                    found.append(_problem(res, ("spec",) + tuple(path), message))
+            for ref in res.spec.references(res.key.tenant):
+                target = desired.get(ref.key)
+                owner = self.drivers.get(ref.kind)
+                if target is None or not isinstance(owner, Attachable):
+                    continue
+                why = owner.attach_problem(ref.kind, ref.tenant, ref.name, target.spec_full)
+                if why:
+                    found.append(_problem(res, ("spec",) + tuple(ref.path),
+                                          f"cannot attach {ref.key.display}: {why}"))
+        return found
+
+    def host_defaults(self) -> dict[str, dict[str, object]]:
+        """Per kind, the values the host fills in for fields a manifest leaves to it."""
+        out: dict[str, dict[str, object]] = {}
+        for kind, drv in self.drivers.items():
+            if isinstance(drv, Defaulting):
+                values = drv.defaults(kind)
+                if values:
+                    out[kind] = dict(values)
+        return out
+
+    def admission_problems(self, desired: Desired, the_plan: Plan) -> list[Problem]:
+        """Capacity admission: what the drivers say the host has no room for, before any change."""
+        by_driver: dict[int, list[Proposal]] = {}
+        admitting: dict[int, Admitting] = {}
+        for change in the_plan.actionable:
+            drv = self.drivers.get(change.key.kind)
+            if not isinstance(drv, Admitting):
                 continue
-            for path, message in drv.problems(res.key.kind, res.key.tenant, res.key.name, res.spec_full):
+            admitting[id(drv)] = drv
+            by_driver.setdefault(id(drv), []).append(Proposal(
+                change.key, change.action.value,
+                None if change.target is None else change.target.spec, change.primary))
+        found = []
+        for ident, proposals in by_driver.items():
+            for key, path, message in admitting[ident].admit(proposals):
+                res = desired.get(key)
                 full = ("spec",) + tuple(path)
-                found.append(Problem(res.source.file, res.line_of(full), message, res.key.display,
-                                     format_path(full)))
+                if res is None:
+                    found.append(Problem("", 0, message, key.display, format_path(full)))
+                else:
+                    found.append(_problem(res, full, message))
         return found
 
     def plan(self, desired: Desired, *, destroy: bool = False) -> Plan:
@@ -127,9 +167,12 @@ class Controller:
             self.graph(desired),
             conflicts=self.conflicts(desired, observation),
             destroy=destroy,
+            defaults=self.host_defaults(),
         )
         if not destroy:
             the_plan.errors.extend(self.host_problems(desired))
+            if not the_plan.errors:
+                the_plan.errors.extend(self.admission_problems(desired, the_plan))
         log.info(
             "planned",
             resources=len(desired),
@@ -201,7 +244,8 @@ class Controller:
         if not any(u.kind == key.kind and u.host_name == name for u in observation.unowned):
             raise ImportRefused(f"no {key.kind.lower()} named {name!r} without our mark on this host")
         conflicts = {k: u for k, u in self.conflicts(desired, observation).items() if k != key}
-        the_plan = plan(desired, observation, self.graph(desired), conflicts=conflicts)
+        the_plan = plan(desired, observation, self.graph(desired), conflicts=conflicts,
+                        defaults=self.host_defaults())
         change = next((c for c in the_plan if c.key == key), None)
         if change is None or change.target is None:
             raise ImportRefused(f"{key.display} cannot be planned: " + "; ".join(p.message for p in the_plan.errors))
@@ -239,7 +283,8 @@ class Controller:
         planned: dict[Key, Change] = {}
         conflict_keys = self.conflicts(desired, observation) if desired is not None else {}
         if desired is not None:
-            the_plan = plan(desired, observation, self.graph(desired), conflicts=conflict_keys)
+            the_plan = plan(desired, observation, self.graph(desired), conflicts=conflict_keys,
+                            defaults=self.host_defaults())
             planned = {c.key: c for c in the_plan}
         hosts: dict[Key, Mapping[str, str]] = {}
         orphaned: set[Key] = set()
@@ -255,6 +300,10 @@ class Controller:
             state, detail = _state(key, change, key in hosts, key in orphaned, key in conflict_keys, error)
             rows.append(StatusRow(key.kind, key.tenant, key.name, state, hosts.get(key, {}), detail, error))
         return rows
+
+
+def _problem(res: Resource, path: tuple[str | int, ...], message: str) -> Problem:
+    return Problem(res.source.file, res.line_of(path), message, res.key.display, format_path(path))
 
 
 def _state(key: Key, change: Change | None, present: bool, orphaned: bool, conflict: bool,

@@ -2,7 +2,7 @@
 
 The executor checks before (a plan whose host objects changed since it was made is
 refused), runs the changes over the plan's edges with a bounded thread pool and
-per-driver limits (a failed change skips only what comes after it; every independent
+per-driver limits and lanes (one change at a time per lane, e.g. per volume group; a failed change skips only what comes after it; every independent
 change still runs; transient errors are retried with backoff), and checks after: it
 observes again and reports any change whose result differs from the plan as a driver
 bug.
@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Mapping, TypeVar
 
 import structlog
 
-from reconciler.drivers.base import Driver
+from reconciler.drivers.base import Driver, Laned
 from reconciler.errors import DriverError, StalePlan, TransientError
 from reconciler.models import Key
 from reconciler.planner import Action, Change, Plan
@@ -175,6 +175,8 @@ class Executor:
         outcomes: dict[str, Outcome] = {}
         skipped_by: dict[str, str] = {}
         busy: Counter[int] = Counter()
+        lanes = {c.id: self._lane(c) for c in changes}
+        busy_lanes: set[str] = set()
         running: dict[Future[Outcome], str] = {}
 
         with ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="apply") as pool:
@@ -185,8 +187,13 @@ class Executor:
                     drv = self.drivers[by_id[cid].key.kind]
                     if busy[id(drv)] >= max(1, drv.max_parallel):
                         continue
+                    lane = lanes[cid]
+                    if lane is not None and lane in busy_lanes:
+                        continue
                     ready.remove(cid)
                     busy[id(drv)] += 1
+                    if lane is not None:
+                        busy_lanes.add(lane)
                     self.on_start(by_id[cid])
                     running[pool.submit(self._one, by_id[cid], drv)] = cid
                 if not running:
@@ -196,6 +203,7 @@ class Executor:
                     cid = running.pop(fut)
                     change = by_id[cid]
                     busy[id(self.drivers[change.key.kind])] -= 1
+                    busy_lanes.discard(lanes[cid])  # type: ignore[arg-type]
                     outcome = fut.result()
                     outcomes[cid] = outcome
                     self.on_done(outcome)
@@ -212,6 +220,13 @@ class Executor:
                 outcomes[cid] = outcome
                 self.on_done(outcome)
         return outcomes
+
+    def _lane(self, change: Change) -> str | None:
+        drv = self.drivers[change.key.kind]
+        if not isinstance(drv, Laned):
+            return None
+        lane = drv.lane(change.key, None if change.target is None else change.target.spec, change.primary)
+        return None if lane is None else f"{drv.name}:{lane}"
 
     # --- one change -----------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import pydantic
 import yaml
@@ -28,7 +28,7 @@ REAL_DRIVERS: dict[str, str] = {
     "SecurityGroup": "netlink",
     "Image": "libvirt",
     "Instance": "libvirt",
-    "Volume": "file",
+    "Volume": "storage",
     "Bucket": "swift",
 }
 
@@ -83,6 +83,60 @@ class NetlinkConfig(BaseModel):
     maxParallel: int = Field(8, ge=1, le=64, description="Network, router and group changes at once.")
 
 
+BACKEND_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+class FileBackend(BaseModel):
+    """qcow2 files in a pool directory (Cinder's NFS/file drivers, locally): works on any
+    machine, thin by nature (a file grows as the guest writes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    driver: Literal["file"]
+    path: Path | None = Field(None, description="Pool directory (default: STATE_DIR/volumes/NAME).")
+    default: bool = Field(False, description="Volumes without `backend` go here.")
+    overcommit: float = Field(
+        1.0, ge=1.0, le=100.0,
+        description="How many times the free space of the filesystem may be promised to "
+        "volumes (qcow2 files are sparse). 1.0: every GiB of every volume must be free.",
+    )
+
+
+class LvmBackend(BaseModel):
+    """Logical volumes of an existing LVM volume group (Cinder's LVM driver): thick, or thin
+    in a thin pool of that group."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    driver: Literal["lvm"]
+    vg: str = Field(description="The volume group (it must exist; reconciler never creates or removes it).",
+                    pattern=r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
+    thin: bool = Field(False, description="Thin volumes in `pool` (needs device-mapper).")
+    pool: str | None = Field(None, description="The thin pool LV in `vg` (required when thin).",
+                             pattern=r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
+    default: bool = Field(False, description="Volumes without `backend` go here.")
+    overcommit: float = Field(
+        20.0, ge=1.0, le=100.0,
+        description="Thin only: how many times the pool's size may be promised to volumes "
+        "(Cinder's max_over_subscription_ratio).",
+    )
+    snapshotPercent: int = Field(
+        100, ge=1, le=100,
+        description="Thick only: the copy-on-write space of a snapshot, in percent of its volume.",
+    )
+    activation: bool | None = Field(
+        None,
+        description="Whether LVs can be activated (need device-mapper). Default: detected "
+        "(/dev/mapper/control). `false` runs every lvm2 command with activation disabled "
+        "(metadata only).",
+    )
+    lvmConfig: str = Field("", description="Extra `--config` text for every lvm2 command "
+                                           "(e.g. a devices filter).")
+
+
+VolumeBackend = Annotated[Union[FileBackend, LvmBackend], Field(discriminator="driver")]
+
+
 class HostConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -98,8 +152,32 @@ class HostConfig(BaseModel):
     lockTimeoutSeconds: float = Field(60.0, ge=0, description="How long apply waits for the host lock.")
     libvirt: LibvirtConfig = Field(default_factory=LibvirtConfig, description="The libvirt driver.")
     netlink: NetlinkConfig = Field(default_factory=NetlinkConfig, description="The netlink driver.")
+    volumeBackends: dict[Annotated[str, Field(pattern=BACKEND_NAME)], VolumeBackend] = Field(
+        default_factory=dict,
+        description="Where volumes live, by backend name (a Volume's `backend`). One of them "
+        "is the default (`default: true`, or the only one). None configured: one file backend "
+        "`local` in STATE_DIR/volumes/local.",
+    )
     #: where it was read from (None: defaults)
     source: Path | None = Field(None, exclude=True)
+
+    def volume_backends(self) -> tuple[dict[str, FileBackend | LvmBackend], str]:
+        """The backends with their paths resolved, and the default's name."""
+        backends = dict(self.volumeBackends) or {"local": FileBackend(driver="file", default=True)}
+        out: dict[str, FileBackend | LvmBackend] = {}
+        for name, backend in backends.items():
+            if isinstance(backend, FileBackend) and backend.path is None:
+                backend = backend.model_copy(update={"path": self.stateDir / "volumes" / name})
+            out[name] = backend
+        defaults = [n for n, b in out.items() if b.default]
+        if len(out) == 1:
+            return out, next(iter(out))
+        if len(defaults) != 1:
+            raise ConfigError(
+                "host config: volumeBackends: exactly one backend must say `default: true` "
+                f"(found {len(defaults)}: {', '.join(defaults) or 'none'})"
+            )
+        return out, defaults[0]
 
     def driver_names(self) -> dict[str, str]:
         if self.drivers == "memory":
@@ -149,10 +227,16 @@ def load_host_config(explicit: str | os.PathLike[str] | None = None) -> HostConf
     if unknown:
         raise ConfigError(f"{path}: drivers: unknown kind(s) {', '.join(sorted(unknown))}")
     config.source = path
+    for name, backend in config.volumeBackends.items():
+        if isinstance(backend, LvmBackend) and backend.thin and not backend.pool:
+            raise ConfigError(f"{path}: volumeBackends.{name}.pool: a thin backend needs its thin pool LV")
+        if isinstance(backend, FileBackend) and backend.path is not None and not backend.path.is_absolute():
+            backend.path = (path.parent / backend.path).resolve()
     if not config.stateDir.is_absolute():
         config.stateDir = (path.parent / config.stateDir).resolve()
     for name in ("imageDir", "instanceDir", "probeImage"):
         value = getattr(config.libvirt, name)
         if value is not None and not value.is_absolute():
             setattr(config.libvirt, name, (path.parent / value).resolve())
+    config.volume_backends()  # exactly one default: said now, not at the first volume
     return config

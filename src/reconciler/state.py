@@ -102,6 +102,16 @@ class Observed:
 
 
 @dataclass(frozen=True, slots=True)
+class Proposal:
+    """One planned change as a driver sees it when admitting a plan (no planner types)."""
+
+    key: Key
+    action: str  # "create", "update", "replace", "delete", "orphan"
+    spec: Mapping[str, Any] | None  # the target spec (None for delete/orphan)
+    observed: Observed | None  # the host object now (None for create)
+
+
+@dataclass(frozen=True, slots=True)
 class Unowned:
     """A host object without our mark: never modified or deleted, only reported."""
 

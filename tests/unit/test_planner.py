@@ -113,7 +113,8 @@ CASES: list[dict[str, Any]] = [
         "manifest": {VOLUME: DROP, VM: {"spec.volumes": DROP}},
         "expect": {
             VOLUME: ("orphan", "none", []),
-            VM: ("update", "none", [("volumes[0]", "in-place", "manifest")]),
+            VM: ("update", "none", [("volumes[0]", "in-place", "manifest"),
+                                 ("volumeGiB.data", "in-place", "derived")]),
         },
     },
     {
@@ -125,7 +126,8 @@ CASES: list[dict[str, Any]] = [
         "id": "noop: already orphaned volume stays orphaned",
         "manifest": {VOLUME: DROP, VM: {"spec.volumes": DROP}},
         "mark": {VOLUME: {"orphaned": True}},
-        "expect": {VM: ("update", "none", [("volumes[0]", "in-place", "manifest")])},
+        "expect": {VM: ("update", "none", [("volumes[0]", "in-place", "manifest"),
+                                 ("volumeGiB.data", "in-place", "derived")])},
         "reasons": {VOLUME: "orphaned"},
     },
     {
@@ -233,13 +235,17 @@ CASES: list[dict[str, Any]] = [
     {
         "id": "volume growth is in place",
         "manifest": {VOLUME: {"spec.sizeGiB": 5}},
-        "expect": {VOLUME: ("update", "none", [("sizeGiB", "in-place", "manifest")])},
+        "expect": {VOLUME: ("update", "none", [("sizeGiB", "in-place", "manifest")]),
+                   # the instance's disk grows with it (blockResize when it runs)
+                   VM: ("update", "none", [("volumeGiB.data", "in-place", "derived")])},
     },
     {
         "id": "volume shrink is a plan error",
         "setup": {VOLUME: {"spec.sizeGiB": 8}},
         "manifest": {VOLUME: {"spec.sizeGiB": 4}},
-        "expect": {VOLUME: ("update", "none", [("sizeGiB", "in-place", "manifest")])},
+        "expect": {VOLUME: ("update", "none", [("sizeGiB", "in-place", "manifest")]),
+                   # the instance's disk grows with it (blockResize when it runs)
+                   VM: ("update", "none", [("volumeGiB.data", "in-place", "derived")])},
         "errors": [(VOLUME, "spec.sizeGiB", "cannot shrink from 8 to 4")],
     },
     # three-way diff
@@ -346,7 +352,8 @@ CASES: list[dict[str, Any]] = [
         "manifest": {VOLUME: DROP, VM: {"spec.volumes": DROP}},
         "expect": {
             VOLUME: ("delete", "destroy", []),
-            VM: ("update", "none", [("volumes[0]", "in-place", "manifest")]),
+            VM: ("update", "none", [("volumes[0]", "in-place", "manifest"),
+                                 ("volumeGiB.data", "in-place", "derived")]),
         },
     },
     {

@@ -92,6 +92,8 @@ def render_plan(console: Console, plan: Plan, *, sensitive_fields: set[str] | No
             console.print(row)
         for note in change.notes:
             console.print(Text(f"       ! {note}", style="dim"))
+        for warning in change.warnings:
+            console.print(Text(f"       !! {warning}", style="bold red"))
         console.print()
     console.print(Text(plan.summary(), style="bold"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from reconciler.models import Key
-from reconciler.state import FieldDiff, Observation, Observed, Target
+from reconciler.state import FieldDiff, Observation, Observed, Proposal, Target
 
 
 @runtime_checkable
@@ -66,3 +66,37 @@ class Validating(Protocol):
                  ) -> list[tuple[tuple[str | int, ...], str]]:
         """(path in the spec, message) for each thing about this resource the host cannot do."""
         ...
+
+
+@runtime_checkable
+class Defaulting(Protocol):
+    """A driver that fills fields a manifest leaves to the host (`x-host-default`), so a
+    plan shows what will be created (e.g. a volume's backend: the host's default)."""
+
+    def defaults(self, kind: str) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Admitting(Protocol):
+    """A driver that checks a whole plan against what the host has room for (capacity
+    admission), before any change: e.g. volumes that would not fit in their volume group."""
+
+    def admit(self, proposals: Sequence[Proposal]) -> list[tuple[Key, tuple[str | int, ...], str]]:
+        """(resource, path in its spec, message) for each change the host cannot take."""
+        ...
+
+
+@runtime_checkable
+class Attachable(Protocol):
+    """A driver of things instances attach (volumes) that knows when this host cannot
+    attach one (e.g. LVM volumes on a kernel without device-mapper)."""
+
+    def attach_problem(self, kind: str, tenant: str, name: str, spec: Mapping[str, Any]) -> str | None: ...
+
+
+@runtime_checkable
+class Laned(Protocol):
+    """A driver whose changes to one host object group must not overlap (e.g. one lvm2
+    writer per volume group): the executor runs changes of the same lane one at a time."""
+
+    def lane(self, key: Key, spec: Mapping[str, Any] | None, observed: Observed | None) -> str | None: ...

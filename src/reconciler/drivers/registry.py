@@ -8,7 +8,9 @@ from reconciler.drivers.base import Driver
 from reconciler.drivers.libvirt import LibvirtDriver, LibvirtSettings
 from reconciler.drivers.memory import MemoryDriver
 from reconciler.drivers.netlink import NetlinkDriver, NetlinkSettings
+from reconciler.drivers.storage import FileBackend, Lvm2, LvmBackend, StorageDriver
 from reconciler.errors import ConfigError
+from reconciler.hostconfig import FileBackend as FileBackendConfig
 from reconciler.hostconfig import HostConfig
 
 
@@ -27,6 +29,8 @@ def build_drivers(config: HostConfig) -> dict[str, Driver]:
                 instances[name] = LibvirtDriver(libvirt_settings(config))
             elif name == "netlink":
                 instances[name] = NetlinkDriver(netlink_settings(config))
+            elif name == "storage":
+                instances[name] = storage_driver(config)
             else:
                 missing.append(f"{kind}: {name}")
                 continue
@@ -56,12 +60,34 @@ def libvirt_settings(config: HostConfig) -> LibvirtSettings:
     )
 
 
+def home_of(config: HostConfig) -> str:
+    """This installation's id (of its state directory): marks tell our objects from those
+    of another reconciler on the same host."""
+    return hashlib.sha256(str(config.stateDir.resolve()).encode()).hexdigest()[:8]
+
+
+def storage_driver(config: HostConfig) -> StorageDriver:
+    configured, default = config.volume_backends()
+    home = home_of(config)
+    backends: dict[str, FileBackend | LvmBackend] = {}
+    for name, cfg in configured.items():
+        if isinstance(cfg, FileBackendConfig):
+            assert cfg.path is not None
+            backends[name] = FileBackend(name, cfg.path, home, overcommit=cfg.overcommit)
+        else:
+            backends[name] = LvmBackend(
+                name, cfg.vg, home, Lvm2(activation=cfg.activation, extra_config=cfg.lvmConfig),
+                thin=cfg.thin, pool=cfg.pool, overcommit=cfg.overcommit, snapshot_percent=cfg.snapshotPercent,
+            )
+    return StorageDriver(backends, default)
+
+
 def netlink_settings(config: HostConfig) -> NetlinkSettings:
     nl = config.netlink
     state = config.stateDir.resolve()
     return NetlinkSettings(
         state_dir=state / "netlink",
-        home=hashlib.sha256(str(state).encode()).hexdigest()[:8],
+        home=home_of(config),
         uplinks=dict(nl.uplinks),
         vxlan_local=str(nl.vxlanLocal) if nl.vxlanLocal else None,
         vxlan_peers=tuple(str(p) for p in nl.vxlanPeers),

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
+
+from pydantic import Field, field_validator
 
 from reconciler.models._base import DeletionPolicy, Spec, deletion_policy_field
 from reconciler.models._fields import UpdatePolicy, spec_field
+
+SNAPSHOT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
+
+SnapshotName = Annotated[str, Field(pattern=SNAPSHOT_PATTERN)]
 
 
 class VolumeSpec(Spec):
@@ -32,6 +38,19 @@ class VolumeSpec(Spec):
     )
     wipe: bool = spec_field(False, description="Overwrite the data before deleting.")
     deletionPolicy: DeletionPolicy = deletion_policy_field()
-    snapshots: list[str] = Field(
-        default_factory=list, description="Named snapshots to keep; removing one deletes it."
+    snapshots: list[SnapshotName] = Field(
+        default_factory=list,
+        description="Named point-in-time snapshots to keep (LVM snapshots, or qcow2 internal "
+        "snapshots on the file backend): adding a name takes one, removing a name deletes it. "
+        "A set: the order does not matter. Names: 1 to 32 lowercase letters, digits or '-'.",
     )
+
+    @field_validator("snapshots")
+    @classmethod
+    def _snapshot_set(cls, names: list[str]) -> list[str]:
+        seen = set()
+        for name in names:
+            if name in seen:
+                raise ValueError(f"snapshot {name!r} is listed twice")
+            seen.add(name)
+        return sorted(names)

@@ -50,6 +50,8 @@ class Change:
     #: the host objects now: the primary first, then duplicates to remove
     observed: tuple[Observed, ...] = ()
     notes: tuple[str, ...] = ()
+    #: what this change destroys that cannot come back (data): shown in red
+    warnings: tuple[str, ...] = ()
     create_before_destroy: bool = False
     #: manifest file and line, when the resource is in the manifests
     source: str | None = None
@@ -76,6 +78,7 @@ class Change:
             "disruption": self.disruption.value,
             "diffs": [d.to_dict(redact) for d in self.diffs],
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
             "createBeforeDestroy": self.create_before_destroy,
             "source": self.source,
             "fingerprints": {o.identity: o.fingerprint() for o in self.observed},
@@ -108,6 +111,7 @@ class Change:
             ),
             observed=tuple(Observed.from_dict(o) for o in data.get("observed", [])),
             notes=tuple(data.get("notes", [])),
+            warnings=tuple(data.get("warnings", [])),
             create_before_destroy=bool(data.get("createBeforeDestroy", False)),
             source=data.get("source"),
         )

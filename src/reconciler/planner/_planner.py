@@ -47,15 +47,20 @@ def plan(
     *,
     conflicts: Mapping[Key, Unowned] | None = None,
     destroy: bool = False,
+    defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Plan:
-    """The changes that make the host match `desired` (or, with `destroy`, remove it)."""
+    """The changes that make the host match `desired` (or, with `destroy`, remove it).
+
+    `defaults`: per kind, the host's values for fields a manifest leaves to the host
+    (e.g. a volume's backend), filled in when an object is created."""
     graph = build_graph(desired) if graph is None else graph
     conflicts = conflicts or {}
     owned = _group(observation.owned, desired)
     errors: list[Problem] = []
     changes: dict[Key, Change] = {}
-    allocator = _Allocator(desired, observation.owned)
+    allocator = _Allocator(desired, observation.owned, defaults or {})
     ports = Ports(desired, {key: found[0] for key, found in owned.items()})
+    running = _running_attachments(owned)
     if not destroy:
         errors.extend(ports.problems)
 
@@ -70,9 +75,9 @@ def plan(
             if key in conflicts:
                 errors.append(_conflict_problem(res, conflicts[key]))
                 continue
-            changes[key] = _create(res, allocator, ports)
+            changes[key] = _create(res, allocator, ports, desired)
         else:
-            change = _update(res, found, graph, errors, allocator, ports)
+            change = _update(res, found, graph, errors, allocator, ports, desired, running)
             changes[key] = change
 
     if not destroy:
@@ -110,7 +115,7 @@ def _target(res: Resource, spec: Mapping[str, Any], derived: Mapping[str, Any]) 
     return Target(res.key, spec, _mark(res), references, derived=derived)
 
 
-def _create(res: Resource, allocator: "_Allocator", ports: Ports) -> Change:
+def _create(res: Resource, allocator: "_Allocator", ports: Ports, desired: Desired) -> Change:
     spec = allocator.fill(res)
     if res.key.kind == "Instance":
         spec = ports.instance_spec(res, spec)
@@ -118,14 +123,15 @@ def _create(res: Resource, allocator: "_Allocator", ports: Ports) -> Change:
         key=res.key,
         action=Action.CREATE,
         reason="not on the host",
-        target=_target(res, spec, ports.derived(res)),
+        target=_target(res, spec, _derived(res, ports, desired)),
         create_before_destroy=KINDS[res.key.kind].create_before_destroy,
         source=f"{res.source.file}:{res.source.line}",
     )
 
 
 def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: list[Problem],
-            allocator: "_Allocator", ports: Ports) -> Change:
+            allocator: "_Allocator", ports: Ports, desired: Desired,
+            running: Mapping[Key, list[Key]]) -> Change:
     model = KINDS[res.key.kind]
     primary = found[0]
     applied = primary.mark.applied
@@ -138,7 +144,7 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
     diffs = [] if target == dict(primary.spec) else diff(model, target, primary.spec, res.spec_set, applied)
     if res.key.kind == "Instance":
         diffs = [_allocated(d, res) for d in diffs]
-    derived = ports.derived(res)
+    derived = _derived(res, ports, desired)
     if derived != dict(primary.derived):
         diffs += [FieldDiff(path, old, new, UpdatePolicy.IN_PLACE, cause="derived")
                   for path, old, new in derived_diffs(derived, primary.derived)]
@@ -170,15 +176,30 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
         return Change(action=Action.NOOP, reason="up to date", **common)
     notes: list[str] = []
     diffs = _live(diffs, primary, notes)
+    if res.key.kind == "Volume":
+        notes.extend(_grown_live(diffs, running.get(res.key, [])))
     replace = [d for d in diffs if d.policy is UpdatePolicy.REPLACE]
     restart = [d for d in diffs if d.policy is UpdatePolicy.RESTART]
     reason = _reason(diffs, primary.drift)
     if replace:
         fields = ", ".join(format_path(d.path) for d in replace)
         notes.extend(_replace_notes(res.key, graph, model.create_before_destroy))
+        warnings: tuple[str, ...] = ()
+        if model.stateful:
+            kind = res.key.kind.lower()
+            if target.get("deletionPolicy") != "Delete":
+                path = ("spec",) + replace[0].path
+                errors.append(Problem(
+                    res.source.file, res.line_of(path),
+                    f"changing {fields} would replace this {kind} and destroy its data, which "
+                    "deletionPolicy Retain refuses: keep the old value, or create a new "
+                    f"{kind} and copy the data (or set deletionPolicy: Delete to allow it)",
+                    res.key.display, format_path(path)))
+            warnings = (f"replacing destroys the data of {res.key.display}: the new {kind} starts empty",)
         return Change(action=Action.REPLACE, reason=f"{fields} forces replacement; {reason}",
                       disruption=Disruption.REPLACE, diffs=tuple(diffs),
-                      target=_target(res, target, derived), notes=tuple(notes), **common)
+                      target=_target(res, target, derived), notes=tuple(notes), warnings=warnings,
+                      **common)
     disruption = Disruption.NONE
     if restart:
         disruption = Disruption.RESTART
@@ -210,6 +231,44 @@ def _live(diffs: list[FieldDiff], primary: Observed, notes: list[str]) -> list[F
                 notes.append(f"{d.path[0]}: applied live, without a restart")
         out.append(d)
     return out
+
+
+def _derived(res: Resource, ports: Ports, desired: Desired) -> dict[str, Any]:
+    """Host facts of `res` that follow from other resources: a network's ports, a group's
+    members, a router's address (see Ports) and the sizes of an instance's volumes (a
+    volume that grows while attached to a running instance is grown in the guest too)."""
+    out = ports.derived(res)
+    if res.key.kind == "Instance":
+        sizes = {}
+        for att in res.spec.volumes:  # type: ignore[attr-defined]
+            vol = desired.get(Key("Volume", res.key.tenant, att.volume))
+            if vol is not None:
+                sizes[att.volume] = vol.spec_full["sizeGiB"]
+        if sizes:
+            out["volumeGiB"] = sizes
+    return out
+
+
+def _running_attachments(owned: Mapping[Key, list[Observed]]) -> dict[Key, list[Key]]:
+    """Volume -> the running instances it is attached to now, as the host says."""
+    out: dict[Key, list[Key]] = defaultdict(list)
+    for key, found in owned.items():
+        if key.kind != "Instance" or found[0].spec.get("powerState") != "running":
+            continue
+        for att in found[0].spec.get("volumes") or []:
+            if isinstance(att, dict) and isinstance(att.get("volume"), str):
+                out[Key("Volume", key.tenant, att["volume"])].append(key)
+    return out
+
+
+def _grown_live(diffs: list[FieldDiff], instances: list[Key]) -> list[str]:
+    grow = [d for d in diffs if d.path == ("sizeGiB",) and isinstance(d.new, int)
+            and isinstance(d.old, int) and d.new > d.old]
+    if not grow or not instances:
+        return []
+    names = ", ".join(k.display for k in sorted(instances))
+    return [f"sizeGiB: grown live while attached to running {names}: the guest sees "
+            f"{grow[0].new} GiB at once (blockResize), without a restart"]
 
 
 def _allocated(d: FieldDiff, res: Resource) -> FieldDiff:
@@ -276,11 +335,17 @@ def _removal(key: Key, found: list[Observed], policy: object, why: str, res: Res
         return Change(key=key, action=Action.ORPHAN,
                       reason=f"{why}; deletionPolicy Retain keeps it and its data",
                       observed=tuple(found), source=source)
-    notes = ()
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
     if key.kind == "Bucket" and found[0].spec.get("purgeOnDelete"):
         notes = ("purgeOnDelete: its objects are deleted first",)
+    if stateful:
+        held = [o.host.get("data") for o in found if o.host.get("data") not in (None, "", "empty")]
+        if held:
+            warnings = (f"holds data ({held[0]}): deleting destroys it for good "
+                        "(deletionPolicy: Delete)",)
     return Change(key=key, action=Action.DELETE, reason=why, disruption=Disruption.DESTROY,
-                  observed=tuple(found), notes=notes, source=source)
+                  observed=tuple(found), notes=notes, warnings=warnings, source=source)
 
 
 def _retain_tenants(changes: dict[Key, Change], owned: Mapping[Key, list[Observed]]) -> None:
@@ -315,15 +380,19 @@ def _conflict_problem(res: Resource, unowned: Unowned) -> Problem:
 class _Allocator:
     """Fills host-wide ids (VNI, VLAN id) that manifests omit, stably and uniquely."""
 
-    def __init__(self, desired: Desired, owned: list[Observed]):
+    def __init__(self, desired: Desired, owned: list[Observed], defaults: Mapping[str, Mapping[str, Any]]):
         nets = [o.spec for o in owned if o.key.kind == "Network"]
         nets += [r.spec_full for r in desired.of_kind("Network")]
         self.used = {f: used_ids(nets, f) for f in ("vni", "vlanId")}
+        self.defaults = defaults
 
     def fill(self, res: Resource) -> dict:
         spec = dict(res.spec_full)
         if res.key.kind == "Network":
             self._segment_id(res.key, spec)
+        for name, value in self.defaults.get(res.key.kind, {}).items():
+            if spec.get(name) is None:
+                spec[name] = value
         return spec
 
     def _segment_id(self, key: Key, spec: dict) -> None:

@@ -257,7 +257,8 @@ def derived_diffs(new: Mapping[str, Any], old: Mapping[str, Any]) -> Iterable[tu
                             yield (name, owner, sub), was.get(sub), now.get(sub)
                 else:
                     yield (name, owner), was, now
-        elif isinstance(a, dict) and isinstance(b, dict):
+        elif isinstance(a, dict | None) and isinstance(b, dict | None):
+            a, b = a or {}, b or {}
             for sub in sorted(set(a) | set(b)):
                 if a.get(sub) != b.get(sub):
                     yield (name, sub), a.get(sub), b.get(sub)

@@ -30,8 +30,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from reconciler import faults
-from reconciler.drivers.libvirt import _disks
+from reconciler import diskimage, faults
 from reconciler.drivers.libvirt._config import (
     DiskConfig,
     DomainConfig,
@@ -146,12 +145,12 @@ class LibvirtDriver:
                     f"installation (instance dir {cfg.owner.home})"))
                 continue
             try:
-                result.owned.append(self._instance_observed(cfg, live, state))
+                result.owned.append(self._instance_observed(cfg, live, state, dom))
             except (KeyError, TypeError, ValueError) as exc:
                 result.unowned.append(Unowned("Instance", name, f"domain {name}: unreadable mark: {exc}"))
         return result
 
-    def _instance_observed(self, cfg: DomainConfig, live: DomainConfig | None, state: int) -> Observed:
+    def _instance_observed(self, cfg: DomainConfig, live: DomainConfig | None, state: int, dom=None) -> Observed:
         assert cfg.owner is not None
         seed = self._seed_json(cfg.name)
         mark = _restore_mark(Mark.from_dict(cfg.owner.mark), seed)
@@ -164,7 +163,7 @@ class LibvirtDriver:
         spec["memoryMiB"] = cfg.memory_kib // 1024
         spec["powerState"] = _power_state(state)
         root = cfg.disk(ROOT_TARGET)
-        header = _disks.read_qcow2_header(Path(root.source)) if root is not None else None
+        header = diskimage.read_qcow2_header(Path(root.source)) if root is not None else None
         spec["rootDiskGiB"] = -(-header.virtual_size // GIB) if header else 0
         key = mark.key
         # NICs are matched by their stable MAC; one we did not put there shows as unknown
@@ -181,11 +180,16 @@ class LibvirtDriver:
         # volumes are matched by their disk serial (the volume's host name)
         serials = {d.serial: d for d in cfg.disks if d.device == "disk" and d.target != ROOT_TARGET}
         vols = []
+        sizes: dict[str, int] = {}
+        live_disks = _volume_disks(live) if live is not None else {}
         for att in stored.get("volumes") or []:
             serial = _volume_serial(key.tenant, att["volume"])
             disk = serials.pop(serial, None)
             if disk is not None:
                 vols.append({**att, "device": disk.target if att.get("device") else None})
+                size = _disk_size(dom, live_disks.get(serial), disk)
+                if size is not None:
+                    sizes[att["volume"]] = -(-size // GIB)
         for serial, disk in serials.items():
             vols.append({"volume": f"(unknown disk {serial or disk.source})", "device": disk.target})
         spec["volumes"] = vols
@@ -205,7 +209,8 @@ class LibvirtDriver:
                 host["pending"] = ", ".join(pending) + " (applies at restart)"
             if live.memballoon:
                 live_limits["memoryMiB"] = live.memory_kib // 1024
-        return Observed(key, cfg.uuid or cfg.name, spec, mark, host, live_limits)
+        derived = {"volumeGiB": sizes} if sizes else {}
+        return Observed(key, cfg.uuid or cfg.name, spec, mark, host, live_limits, derived=derived)
 
     def _observe_images(self) -> Observation:
         result = Observation()
@@ -297,7 +302,7 @@ class LibvirtDriver:
             raise PermanentError(f"{target.key.display}: image source {source} does not exist")
         folder = self.settings.image_dir
         _make_dirs(folder)
-        fmt, _size = _disks.image_info(source)
+        fmt, _size = diskimage.image_info(source)
         if fmt != spec.get("format", "qcow2"):
             raise PermanentError(
                 f"{target.key.display}: {source} is a {fmt} image but format says {spec.get('format')}"
@@ -372,7 +377,7 @@ class LibvirtDriver:
         folder = self.settings.instance_dir
         if folder.is_dir():
             for root in folder.glob("*/root.qcow2"):
-                header = _disks.read_qcow2_header(root)
+                header = diskimage.read_qcow2_header(root)
                 if header and header.backing_file and Path(header.backing_file) == image:
                     users.append(root.parent.name)
         return users
@@ -418,7 +423,7 @@ class LibvirtDriver:
         if directory.exists():
             shutil.rmtree(directory)  # leftovers of a create killed before define
         _make_dirs(directory)
-        _disks.create_overlay(directory / "root.qcow2", image, image_format, int(spec["rootDiskGiB"]))
+        diskimage.create_overlay(directory / "root.qcow2", image, image_format, int(spec["rootDiskGiB"]))
         self._write_seed(directory, key, spec, target.related, instance_id=str(uuidlib.uuid4()))
         config = self._domain_config(target, uuid=None)
         with translated(f"defining domain {name}"):
@@ -457,14 +462,16 @@ class LibvirtDriver:
                     dom.attachDeviceFlags(new_nics[mac].to_xml(), flags)
                 for serial in new_disks.keys() - old_disks.keys():
                     dom.attachDeviceFlags(new_disks[serial].to_xml(), flags)
-        header = _disks.read_qcow2_header(root)
+        if running:
+            self._grow_volumes(dom, key, target.derived.get("volumeGiB") or {})
+        header = diskimage.read_qcow2_header(root)
         want = int(spec["rootDiskGiB"]) * GIB
         if header is not None and want > header.virtual_size:
             if running:
                 with translated(f"growing the root disk of {key.display}"):
                     dom.blockResize(ROOT_TARGET, want, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
             else:
-                _disks.resize(root, int(spec["rootDiskGiB"]))
+                diskimage.resize(root, int(spec["rootDiskGiB"]))
         if running and any(d.path == ("memoryMiB",) and d.policy is UpdatePolicy.IN_PLACE for d in diffs):
             with translated(f"changing the memory of {key.display} live"):
                 dom.setMemoryFlags(int(spec["memoryMiB"]) * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
@@ -480,6 +487,22 @@ class LibvirtDriver:
             self._shutdown(dom, key)
             self._start(dom, key)
         return self._observe_domain(dom)
+
+    def _grow_volumes(self, dom, key: Key, sizes: Mapping[str, int]) -> None:
+        """Volumes that grew while attached to this running guest: the hypervisor resizes
+        them (a qcow2 file it holds open can be grown by nobody else; a grown LV needs
+        the guest told), and the guest sees the new size at once."""
+        with translated(f"reading the disks of {key.display}"):
+            disks = _volume_disks(DomainConfig.parse(dom.XMLDesc(0)))
+        for volume, size_gib in sorted(sizes.items()):
+            disk = disks.get(_volume_serial(key.tenant, volume))
+            if disk is None:
+                continue
+            want = int(size_gib) * GIB
+            with translated(f"growing volume {key.tenant}/{volume} in {key.display}"):
+                capacity = dom.blockInfo(disk.target)[0]
+                if capacity < want:
+                    dom.blockResize(disk.target, want, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
 
     def _delete_instance(self, observed: Observed) -> None:
         try:
@@ -638,7 +661,7 @@ class LibvirtDriver:
             cfg = DomainConfig.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
             state = dom.state()[0]
             live = DomainConfig.parse(dom.XMLDesc(0)) if dom.isActive() else None
-        return self._instance_observed(cfg, live, state)
+        return self._instance_observed(cfg, live, state, dom)
 
     def _active(self, dom) -> bool:
         with translated("reading domain state"):
@@ -723,6 +746,28 @@ def _static_address(key: Key, index: int, nic: Mapping[str, Any], related: Mappi
 def _volume_serial(tenant: str, volume: str) -> str:
     """The disk serial a volume has inside the guest (virtio-blk allows 20 characters)."""
     return host_name(Key("Volume", tenant, volume))
+
+
+def _disk_size(dom, live_disk: DiskConfig | None, disk: DiskConfig) -> int | None:
+    """Bytes of an attached volume as its guest sees them: the running hypervisor's view
+    (blockInfo), or the file or block device's size when the domain is off."""
+    if dom is not None and live_disk is not None:
+        try:
+            return int(dom.blockInfo(live_disk.target)[0])
+        except libvirt.libvirtError:
+            return None
+    path = Path(disk.source)
+    try:
+        if disk.block:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                return os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
+        facts = diskimage.read_image(path)
+    except (OSError, PermanentError):
+        return None
+    return facts.virtual_size if facts is not None else None
 
 
 def _volume_disks(cfg: DomainConfig) -> dict[str, DiskConfig]:

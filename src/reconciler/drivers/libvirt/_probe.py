@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from reconciler.drivers.libvirt import _disks
+from reconciler import diskimage
 from reconciler.drivers.libvirt._config import DiskConfig, DomainConfig
 from reconciler.drivers.libvirt._host import Host, libvirt
 
@@ -79,9 +79,9 @@ def _probe(host: Host, image: Path, workdir: Path, timeout_s: float,
     name = f"rc-probe-{os.getpid()}"
     dom = None
     try:
-        fmt, _ = _disks.image_info(image)
+        fmt, _ = diskimage.image_info(image)
         overlay = tmp / "disk.qcow2"
-        _disks.create_overlay(overlay, image, fmt, 1)
+        diskimage.create_overlay(overlay, image, fmt, 1)
         console = tmp / "console.log"
         config = DomainConfig(
             name=name, domain_type="kvm", memory_kib=128 * 1024, cpu_model=None,
