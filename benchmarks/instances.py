@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks import _section
+
 from reconciler.models import Key
 from reconciler.naming import host_name
 
@@ -707,19 +709,7 @@ def _image_mib() -> float:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace the marked section of `path`, or append it; nothing else changes."""
-    text = path.read_text() if path.exists() else ""
-    start, end = text.find(BEGIN), text.find(END)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + section.rstrip("\n") + text[end + len(END):]
-        if not text.endswith("\n"):
-            text += "\n"
-    else:
-        if text and not text.endswith("\n"):
-            text += "\n"
-        text += ("\n" if text else "") + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    _section.write_section(path, section, BEGIN, END)
 
 
 def preflight() -> None:
