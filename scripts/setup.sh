@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install what reconciler needs, idempotently: Debian packages, then a virtualenv.
 # As root it also installs and starts the host services the real drivers need
-# (libvirtd/virtlogd; nftables, dnsmasq) and builds the test guest image; later
-# issues add lvm2 and Swift here.
+# (libvirtd/virtlogd; nftables, dnsmasq; lvm2, qemu-utils) and builds the test guest
+# image; later issues add Swift here.
 set -euo pipefail
 PYTHON=${1:-python3.11}
 VENV=${2:-.venv}
@@ -31,6 +31,7 @@ if [ "$(id -u)" = 0 ]; then
   # libvirt-python builds against libvirt-dev: the host packages come before pip
   bash "$HERE/setup-libvirt.sh"
   bash "$HERE/setup-network.sh"
+  bash "$HERE/setup-storage.sh"
 else
   echo "setup: not root: skipping libvirtd and the test guest (the real-driver tests will skip)" >&2
 fi

@@ -7,7 +7,8 @@ That config lets lvm see this loop device alone (``filter`` and ``global_filter`
 test never scans or touches another disk or VG of the host; it ignores the host's
 devices file (``use_devicesfile=0``: lvm 2.03 would otherwise skip a device missing from
 /etc/lvm/devices/system.devices, and pvcreate would add ours to it), uses no hints and
-writes no metadata backups or archives under /etc/lvm. On exit (also after a failed
+writes no metadata backups or archives under /etc/lvm; without device-mapper it also
+turns activation off, so a raw lvm command given it works too. On exit (also after a failed
 test) it removes every LV, the VG, the PV, the loop device and the file.
 
 `require_lvm()` skips (or, with RECONCILER_REQUIRE_HOST=1, fails) like hostcheck's.
@@ -71,7 +72,7 @@ def device_mapper() -> bool:
 class LoopVg:
     name: str  # the VG: rvtest<hex>
     loop: str  # /dev/loopN
-    config: str  # lvm --config text: this loop device alone
+    config: str  # lvm --config text: this loop device alone (Lvm2(extra_config=...))
     backing: Path
 
 
@@ -88,9 +89,9 @@ def lvm_config(loop: str) -> str:
     accept = f'["a|^{loop}$|","r|.*|"]'
     config = (f"devices{{filter={accept} global_filter={accept} use_devicesfile=0 hints=\"none\" "
               f"obtain_device_list_from_udev=0}} backup{{backup=0 archive=0}}")
-    if not device_mapper():
+    if not device_mapper():  # (Lvm2 then does not add it again: lvm warns about duplicates)
         config += " global{activation=0}"
-    elif not Path("/run/udev/control").exists():  # no udevd (a container): do not wait for it
+    elif not Path("/run/udev/control").exists():  # no udevd (a container): never wait for it
         config += " activation{udev_sync=0 udev_rules=0}"
     return config
 

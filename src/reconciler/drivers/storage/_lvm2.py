@@ -19,6 +19,9 @@ What this relies on, as lvm2 2.03.16 (Debian 12) behaves:
   given to both is removed, so `Lvm2.retag` refuses such a request.
 - ``VG/LV`` longer than 125 characters fails ("Internal error: LV name ... length N is
   not supported") although each name alone may have 127.
+- Tags live in the VG's metadata area, which all its LVs share: about 510 KiB of text
+  with vgcreate's default, some 500 bytes per LV plus its tags. A change that does not
+  fit fails whole ("exceeds maximum metadata size"); `VgInfo.metadata_free` shows the room.
 - lvm waits for a VG's lock for as long as it takes (``global/wait_for_locks=1``): the
   command's timeout turns a stuck wait into a TransientError.
 """
@@ -109,7 +112,8 @@ def check_lv_name(name: str, vg: str | None = None) -> str:
 def check_tag(tag: str) -> str:
     """`tag` if lvm accepts it (and it has at most 1024 characters); PermanentError otherwise."""
     if not isinstance(tag, str) or not _TAG.fullmatch(tag):
-        raise PermanentError(f"lvm tag {tag!r} is not allowed: use A-Z a-z 0-9 and _ + . - / = ! : & #")
+        raise PermanentError(f"lvm tag {tag!r} is not allowed: "
+                             "use A-Z a-z 0-9 and _ + . - / = ! : & #")
     if len(tag) > MAX_TAG:
         raise PermanentError(f"lvm tag {tag[:40]!r}... has {len(tag)} characters (at most {MAX_TAG})")
     return tag
@@ -282,15 +286,19 @@ def _rows(stdout: str, kind: str, doing: str) -> list[dict[str, Any]]:
 # --- errors ---------------------------------------------------------------------------
 
 _NOISE = re.compile(
-    r"^(WARNING: Activation disabled\.|WARNING: Skipping zeroing|WARNING: Logical volume \S+ not zeroed"
+    r"^(WARNING: Activation disabled\.|WARNING: Skipping zeroing"
+    r"|WARNING: Logical volume \S+ not zeroed"
     r"|WARNING: This metadata update is NOT backed up|WARNING: Running as a non-root user"
     r"|File descriptor \d+ .* leaked on|Run `\w+ --help' for more information"
-    r"|Cannot process volume group|Error during parsing of command line)"
+    r"|WARNING: Ignoring duplicate config value|Cannot process volume group"
+    r"|Error during parsing of command line)"
 )
-_DM_MISSING = re.compile(
-    r"without using device-mapper kernel driver|kernel device-mapper driver"
-    r"|device-mapper target\(s\) not detected|/dev/mapper/control: open failed"
-)
+#: what lvm says when an action needs device-mapper; and (on every command that tries it,
+#: also a successful one) when it cannot reach it at all
+_DM_NEEDED = re.compile(r"without using device-mapper kernel driver"
+                        r"|device-mapper target\(s\) not detected")
+_DM_UNREACHABLE = re.compile(r"communicate with kernel device-mapper driver"
+                             r"|/dev/mapper/control: open failed")
 _DENIED = re.compile(r"Permission denied|Operation not permitted")
 _VG_MISSING = re.compile(r'Volume group "([^"]+)" not found')
 _LV_MISSING = re.compile(
@@ -301,11 +309,14 @@ _LV_MISSING = re.compile(
 _EXISTS = re.compile(r"already exists")
 _NO_SPACE = (  # (free extents, needed extents) or (needed more,)
     re.compile(r"insufficient free space \((?P<free>\d+) extents?\): (?P<needed>\d+) required"),
-    re.compile(r"Insufficient free space: (?P<needed>\d+) extents? needed, but only (?P<free>\d+) available"),
+    re.compile(r"Insufficient free space: (?P<needed>\d+) extents? needed, "
+               r"but only (?P<free>\d+) available"),
     re.compile(r"Insufficient suitable allocatable extents .*?: (?P<more>\d+) more required"),
 )
 _LOCKED = re.compile(r"Can't get lock|flock failed|Resource temporarily unavailable"
                      r"|Failed to acquire .*lock|lock .*(timed out|busy)")
+_METADATA_FULL = re.compile(r"metadata on \S+ \((\d+) bytes\) "
+                            r"exceeds maximum metadata size \((\d+) bytes\)")
 _IN_USE = re.compile(r"Logical volume \S+ in use|Can't remove open logical volume"
                      r"|contains a filesystem in use")
 
@@ -339,13 +350,13 @@ def translate(stderr: str, doing: str, returncode: int | None = None,
     "lvcreate vg/data"), from its stderr."""
     text = "\n".join(_lines(stderr))
     last = last_message(stderr, returncode)
-    if _DM_MISSING.search(text):
-        line = next(line for line in _lines(stderr) if _DM_MISSING.search(line))
-        return PermanentError(f"{doing}: {DM_NEEDED} (lvm: {line})")
+    if _DM_NEEDED.search(text):
+        return _dm_error(stderr, doing, _DM_NEEDED)
     if _DENIED.search(text) and os.geteuid() != 0:
         return PermanentError(f"{doing}: lvm needs root ({last})")
     if match := _VG_MISSING.search(text):
-        here = f" (volume groups here: {', '.join(vgs_here) or 'none'})" if vgs_here is not None else ""
+        here = ("" if vgs_here is None
+                else f" (volume groups here: {', '.join(vgs_here) or 'none'})")
         return PermanentError(f"{doing}: volume group {match.group(1)!r} does not exist: the host "
                               f"config names a VG that does not exist on this host{here}")
     if _LV_MISSING.search(text):
@@ -356,11 +367,23 @@ def translate(stderr: str, doing: str, returncode: int | None = None,
         if match := pattern.search(text):
             return PermanentError(f"{doing}: not enough free space in the volume group: "
                                   f"{_space(match.groupdict(), extent_size)}")
+    if match := _METADATA_FULL.search(text):
+        return PermanentError(f"{doing}: the volume group's metadata area is full ({match.group(1)} "
+                              f"bytes needed, at most {match.group(2)}): every LV and tag takes "
+                              "space there; remove volumes, or use a VG made with a bigger "
+                              "vgcreate --metadatasize")
     if _LOCKED.search(text):
         return TransientError(f"{doing}: another lvm command holds the volume group's lock ({last})")
     if _IN_USE.search(text):
         return TransientError(f"{doing}: the volume is in use ({last})")
+    if _DM_UNREACHABLE.search(text):
+        return _dm_error(stderr, doing, _DM_UNREACHABLE)
     return PermanentError(f"{doing}: {last}")
+
+
+def _dm_error(stderr: str, doing: str, pattern: re.Pattern[str]) -> PermanentError:
+    line = next(line for line in _lines(stderr) if pattern.search(line))
+    return PermanentError(f"{doing}: {DM_NEEDED} (lvm: {line})")
 
 
 def _space(found: dict[str, str | None], extent_size: int | None) -> str:
@@ -441,7 +464,8 @@ class Lvm2:
     def config(self, report: bool = False) -> str:
         """The one --config argument every command gets ("" for none)."""
         parts = []
-        if not self.activation:
+        if not self.activation and "activation=0" not in self.extra_config.replace(" ", ""):
+            # (a value given twice makes lvm warn "Ignoring duplicate config value")
             parts.append("global{activation=0}")
         if report:  # epoch seconds, and never the command log inside the JSON
             parts.append('report{time_format="%s"} log{report_command_log=0}')
@@ -472,7 +496,8 @@ class Lvm2:
             raise self._failure(proc, doing, vg)
         return proc.stdout
 
-    def _failure(self, proc: subprocess.CompletedProcess[str], doing: str, vg: str | None) -> DriverError:
+    def _failure(self, proc: subprocess.CompletedProcess[str], doing: str,
+                 vg: str | None) -> DriverError:
         extent_size = vgs_here = None
         text = proc.stderr
         try:  # best effort: a more useful message costs one more report, on failure only
@@ -515,7 +540,8 @@ class Lvm2:
         """The VG and its LVs: one command (``lvs`` with the VG's fields on every row),
         two when the VG has no LV."""
         check_vg_name(vg)
-        rows = self._report("lvs", LV_FIELDS + VG_FIELDS[1:], vg, "lv", f"reading volume group {vg}", vg)
+        rows = self._report("lvs", LV_FIELDS + VG_FIELDS[1:], vg, "lv",
+                            f"reading volume group {vg}", vg)
         if not rows:
             return self.vg(vg), []
         return _vg_info(rows[0]), [_lv_info(row) for row in rows]
@@ -604,7 +630,13 @@ class Lvm2:
         args = ["-s", "-n", name, *self._tag_args("--addtag", tags), "--yes"]
         if size_bytes is not None:
             args += ["-L", _size_arg(size_bytes, doing)]
-        self.run("lvcreate", [*args, source], doing, vg=vg)
+        try:
+            self.run("lvcreate", [*args, source], doing, vg=vg)
+        except PermanentError as exc:
+            if size_bytes is None and "specify either size or extents" in str(exc):
+                raise PermanentError(f"{doing}: {source} is not a thin volume: a snapshot of it "
+                                     "needs a size (its copy-on-write space)") from None
+            raise
 
     def device_path(self, vg: str, name: str) -> Path:
         """Where an active LV's block device is: /dev/VG/NAME."""
