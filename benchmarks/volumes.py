@@ -85,6 +85,8 @@ class LoopVg:
         run("pvremove", "--config", self.config, "-f", self.loop, check=False)
         run("losetup", "-d", self.loop, check=False)
         self.backing.unlink(missing_ok=True)
+        for leftover in (*Path("/etc/lvm/archive").glob(f"{self.name}_*.vg"), Path("/etc/lvm/backup", self.name)):
+            leftover.unlink(missing_ok=True)  # this VG's own metadata copies, if lvm kept any
 
 
 def manifests(folder: Path, tenant: str, n: int) -> Path:

@@ -350,6 +350,18 @@ def test_capacity_admission_names_what_is_needed_and_free(real_vols) -> None:
     assert not vols.exists(vols.driver.host_name(t.key))  # admission changes nothing
 
 
+def test_lvm_admission_counts_the_volume_groups_metadata_space(tmp_path: Path) -> None:
+    """Every LV and its tags take VG metadata text; a VG made with lvm's default metadata
+    area holds some hundreds of ours. Admission says so before lvm would refuse."""
+    with _harness("lvm", tmp_path) as vols:
+        proposals = [Proposal(Key("Volume", vols.tenant, f"v{i}"), "create",
+                              {"sizeGiB": 1, "backend": "vg", "snapshots": []}, None) for i in range(1000)]
+        problems = vols.driver.admit(proposals)
+        meta = [m for _, p, m in problems if p == ("backend",)]
+        assert len(meta) == 1 and "metadata area of volume group" in meta[0] and "1000 new LVs" in meta[0]
+        assert vols.driver.admit(proposals[:3]) == []
+
+
 def test_growth_is_admitted_by_the_difference(real_vols) -> None:
     vols = real_vols
     obs = vols.driver.create(_volume(vols, sizeGiB=1))

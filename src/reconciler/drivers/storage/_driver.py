@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from reconciler.drivers.storage._common import GIB, STORED_FIELDS, Found, gib, human, payload
 from reconciler.drivers.storage._file import FileBackend
-from reconciler.drivers.storage._lvm import NO_DM, LvmBackend
+from reconciler.drivers.storage._lvm import LV_METADATA_BYTES, NO_DM, LvmBackend
 from reconciler.errors import NotFound, PermanentError
 from reconciler.models import Key
 from reconciler.naming import host_name
@@ -130,8 +130,8 @@ class StorageDriver:
         want = set(target.spec.get("snapshots") or [])
         have = set(found.snapshots)
         extra = {"sizeGiB": size} if isinstance(backend, FileBackend) else {}
-        # write-ahead: the snapshots about to be taken are ours even if this is killed
-        backend.write(found, {**payload(backend.home, target.mark.to_dict(), target.spec, want | have), **extra})
+        if want - have:  # write-ahead: snapshots about to be taken are ours even if this is killed
+            backend.write(found, {**payload(backend.home, target.mark.to_dict(), target.spec, want | have), **extra})
         if found.drift:
             backend.activate(found)
         backend.grow(found, size)
@@ -207,6 +207,8 @@ class StorageDriver:
         """Capacity admission per backend, and snapshots of qcow2 files a guest holds open."""
         out: list[tuple[Key, tuple[str | int, ...], str]] = []
         needs: dict[str, list[tuple[int, Key]]] = defaultdict(list)
+        new_lvs: dict[str, list[int]] = defaultdict(list)
+        first: dict[str, Key] = {}
         for p in proposals:
             if p.spec is None:
                 continue
@@ -214,9 +216,11 @@ class StorageDriver:
             backend = self.backends.get(bname)
             if backend is None:
                 continue
+            first.setdefault(bname, p.key)
             size = int(p.spec.get("sizeGiB") or 0)
             snaps = set(p.spec.get("snapshots") or [])
             same = p.observed is not None and p.observed.host.get("backend") == bname and p.action == "update"
+            had: set[str] = set()
             if same:
                 assert p.observed is not None
                 old = int(p.observed.spec.get("sizeGiB") or 0)
@@ -230,6 +234,18 @@ class StorageDriver:
                 need = size * GIB + backend.snapshot_cost(size) * len(snaps)
             if need:
                 needs[bname].append((need, p.key))
+            if isinstance(backend, LvmBackend):
+                new_lvs[bname].append((0 if same else 1) + len(snaps - had))
+        for bname, counts in sorted(new_lvs.items()):
+            backend = self.backends[bname]
+            assert isinstance(backend, LvmBackend)
+            count = sum(counts)
+            free = backend.metadata_free() if count else None
+            if free is not None and count * LV_METADATA_BYTES > free:
+                out.append((first[bname], ("backend",),
+                            f"the metadata area of volume group {backend.vg} has {human(free)} left, and "
+                            f"{count} new LVs need about {human(count * LV_METADATA_BYTES)}: lvm would refuse "
+                            "them (give the PV a bigger --metadatasize, or use another volume group)"))
         for bname, items in sorted(needs.items()):
             backend = self.backends[bname]
             total = sum(n for n, _ in items)

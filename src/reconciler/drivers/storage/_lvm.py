@@ -25,6 +25,8 @@ HOME_TAG = "rc.home="
 PAYLOAD = "rc.m"
 SNAP_TAG = "rc.snap="
 SNAP_SEP = ".s."
+#: VG metadata text one of our LVs takes, with its tags (measured: ~500 bytes + tags ~450)
+LV_METADATA_BYTES = 1536
 
 NO_DM = ("this host has no device-mapper (/dev/mapper/control is missing), so LVM volumes "
          "cannot be activated")
@@ -65,13 +67,14 @@ class LvmBackend:
         return found
 
     def find(self, name: str) -> Found | None:
-        lv = self.lvm.lv(self.vg, name)
+        """One volume (with its snapshots): one `lvs` of the group."""
+        lvs = self.lvm.lvs(self.vg)
+        lv = next((x for x in lvs if x.name == name), None)
         if lv is None:
             return None
         if not self._ours(lv.tags):
             return self._found(lv, [])
-        snaps = [_tag_value(s.tags, SNAP_TAG) for s in self.lvm.lvs(self.vg)
-                 if s.origin == name and self._ours(s.tags)]
+        snaps = [_tag_value(s.tags, SNAP_TAG) for s in lvs if s.origin == name and self._ours(s.tags)]
         return self._found(lv, sorted(n for n in snaps if n))
 
     def _found(self, lv: Any, snapshots: list[str]) -> Found:
@@ -116,19 +119,20 @@ class LvmBackend:
     # --- acting --------------------------------------------------------------------------
 
     def create(self, name: str, size_gib: int, data: Mapping[str, Any]) -> Found:
-        existing = self.lvm.lv(self.vg, name)
-        if existing is not None:
-            if self._payload(existing.tags) is None:
-                raise Conflict(f"LV {self.vg}/{name} exists and is not ours; not touching it")
-            found = self._found(existing, [])
-        else:
+        try:  # the mark is in lvcreate's own tags: the LV never exists without it
             self.lvm.create(self.vg, name, size_gib * 1024**3, self._tags(data),
                             thin_pool=self.pool if self.thin else None)
-            found = self.find(name)
-            assert found is not None
+        except Conflict:
+            existing = self.lvm.lv(self.vg, name)
+            if existing is None or self._payload(existing.tags) is None:
+                raise Conflict(f"LV {self.vg}/{name} exists and is not ours; not touching it") from None
+        found = self.find(name)
+        assert found is not None
         return found
 
     def write(self, found: Found, data: Mapping[str, Any]) -> None:
+        if found.payload is not None and dict(found.payload) == dict(data):
+            return  # the tags already say it: no metadata commit
         lv = self._lv(found.name)
         old = [t for t in lv.tags if t.startswith(PAYLOAD + ".") or t.startswith(HOME_TAG)]
         new = self._tags(data)
@@ -160,12 +164,7 @@ class LvmBackend:
         self.lvm.remove(self.vg, lv_name)
 
     def delete(self, found: Found, wipe: bool) -> None:
-        try:
-            lv = self._lv(found.name)
-        except NotFound:
-            return
-        if self._payload(lv.tags) is None:
-            raise Conflict(f"LV {self.vg}/{found.name} is no longer ours; not touching it")
+        """`found` was just read (by the driver, with its mark checked)."""
         for snap in found.snapshots:
             self.unsnapshot(found, snap)
         if wipe:
@@ -205,6 +204,11 @@ class LvmBackend:
                           f"overcommit, {human(promised)} promised to existing volumes")
         vg = self.lvm.vg(self.vg)
         return vg.free, f"{human(vg.free)} free in volume group {self.vg}"
+
+    def metadata_free(self) -> int | None:
+        """Bytes left in the volume group's metadata area (every LV and its tags take
+        some; lvm refuses changes once it is full)."""
+        return self.lvm.vg(self.vg).metadata_free
 
     def snapshot_cost(self, size_gib: int) -> int:
         return 0 if self.thin else size_gib * 1024**3 * self.snapshot_percent // 100
