@@ -62,7 +62,8 @@ def network_unready() -> tuple[str, ...]:
     return tuple(reasons)
 
 
-def _require(reasons: tuple[str, ...]) -> None:
+def require(reasons: tuple[str, ...]) -> None:
+    """Skip with `reasons` (or fail, under RECONCILER_REQUIRE_HOST=1); nothing when empty."""
     if not reasons:
         return
     message = "; ".join(reasons)
@@ -73,9 +74,9 @@ def _require(reasons: tuple[str, ...]) -> None:
 
 def require_host() -> None:
     """Skip (or, with RECONCILER_REQUIRE_HOST=1, fail) when the real host is not ready."""
-    _require(host_unready())
+    require(host_unready())
 
 
 def require_network() -> None:
     """Like `require_host()`, for the netlink driver alone (no libvirt needed)."""
-    _require(network_unready())
+    require(network_unready())

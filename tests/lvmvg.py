@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import pytest
+from hostcheck import require
 
-REQUIRE_VAR = "RECONCILER_REQUIRE_HOST"
 PREFIX = "rvtest"
 TIMEOUT_S = 60
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin", "LC_ALL": "C",
@@ -52,13 +51,7 @@ def lvm_unready() -> tuple[str, ...]:
 
 def require_lvm() -> None:
     """Skip (or, with RECONCILER_REQUIRE_HOST=1, fail) when real lvm cannot run here."""
-    reasons = lvm_unready()
-    if not reasons:
-        return
-    message = "; ".join(reasons)
-    if os.environ.get(REQUIRE_VAR) == "1":
-        pytest.fail(f"the real host is required here ({REQUIRE_VAR}=1) but: {message}", pytrace=False)
-    pytest.skip(message)
+    require(lvm_unready())
 
 
 def device_mapper() -> bool:

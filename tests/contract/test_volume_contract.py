@@ -181,9 +181,9 @@ def _harness(kind: str, tmp_path: Path) -> Iterator[Any]:
 
 
 def require_qemu_img() -> None:
-    from hostcheck import _require
+    from hostcheck import require
 
-    _require(tuple(f"{tool} missing: run scripts/setup-storage.sh" for tool in ("qemu-img", "qemu-io")
+    require(tuple(f"{tool} missing: run scripts/setup-storage.sh" for tool in ("qemu-img", "qemu-io")
                    if shutil.which(tool) is None))
 
 

@@ -25,9 +25,9 @@ TENANT = "acme"
 
 @pytest.fixture(autouse=True)
 def _qemu_img() -> None:
-    from hostcheck import _require
+    from hostcheck import require
 
-    _require(("qemu-img missing: run scripts/setup-storage.sh",) if shutil.which("qemu-img") is None else ())
+    require(("qemu-img missing: run scripts/setup-storage.sh",) if shutil.which("qemu-img") is None else ())
 
 
 @pytest.fixture
