@@ -136,6 +136,11 @@ class HostEnv:
     def image_dir(self) -> Path:
         return self.state_dir / "libvirt" / "images"
 
+    @property
+    def volume_pool(self) -> Path:
+        """The file backend `local` of host_env(volumes=True)."""
+        return self.root / "volumes"
+
     def domain_name(self, instance: str) -> str:
         return host_name(Key("Instance", self.tenant, instance))
 
@@ -256,7 +261,12 @@ def _make_dir(path: Path) -> None:
 
 
 @contextmanager
-def host_env(domain_type: str = "qemu", shutdown_timeout: float = 10) -> Iterator[HostEnv]:
+def host_env(domain_type: str = "qemu", shutdown_timeout: float = 10, *, volumes: bool = False,
+             volume_backends: Mapping[str, Mapping[str, object]] | None = None) -> Iterator[HostEnv]:
+    """A fresh test tenant (see the module docstring). `volumes`: Volume on the real
+    "storage" driver, with one file backend `local` (the default) in `env.volume_pool`;
+    `volume_backends`: more backends beside it (host config `volumeBackends` entries;
+    implies `volumes`). Otherwise Volume stays in memory."""
     require_host()
     if not RECONCILER.exists():
         pytest.fail(f"{RECONCILER} missing: install the project into .venv", pytrace=False)
@@ -268,13 +278,21 @@ def host_env(domain_type: str = "qemu", shutdown_timeout: float = 10) -> Iterato
     _make_dir(env.state_dir)
     drivers = {k: "memory" for k in ("Tenant", "Network", "Router", "SecurityGroup", "Volume", "Bucket")}
     drivers.update(Image="libvirt", Instance="libvirt")
-    env.host_config.write_text(json.dumps({  # JSON is YAML
+    config: dict[str, object] = {
         "stateDir": str(env.state_dir),
         "drivers": drivers,
         "lockTimeoutSeconds": 60,
         "libvirt": {"uri": URI, "domainType": domain_type, "shutdownTimeoutSeconds": shutdown_timeout,
                     "probeImage": str(IMAGE)},
-    }, indent=2) + "\n")
+    }
+    if volumes or volume_backends:
+        drivers["Volume"] = "storage"
+        _make_dir(env.volume_pool)  # under env.root (teardown removes it), 0755 for QEMU
+        backends: dict[str, object] = {"local": {"driver": "file", "path": str(env.volume_pool),
+                                                 "default": True}}
+        backends.update({name: dict(b) for name, b in (volume_backends or {}).items()})
+        config["volumeBackends"] = backends
+    env.host_config.write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
     try:
         yield env
     finally:

@@ -181,6 +181,8 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
     replace = [d for d in diffs if d.policy is UpdatePolicy.REPLACE]
     restart = [d for d in diffs if d.policy is UpdatePolicy.RESTART]
     reason = _reason(diffs, primary.drift)
+    if primary.mark.orphaned:
+        reason = f"back in the manifests (was orphaned): adopted again; {reason}"
     if replace:
         fields = ", ".join(format_path(d.path) for d in replace)
         notes.extend(_replace_notes(res.key, graph, model.create_before_destroy))

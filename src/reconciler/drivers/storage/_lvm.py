@@ -28,7 +28,7 @@ SNAP_SEP = ".s."
 #: VG metadata text one of our LVs takes, with its tags (measured: ~500 bytes + tags ~450)
 LV_METADATA_BYTES = 1536
 
-NO_DM = ("this host has no device-mapper (/dev/mapper/control is missing), so LVM volumes "
+NO_DM = ("this host has no device-mapper (the kernel lists none in /proc/misc), so LVM volumes "
          "cannot be activated")
 
 
