@@ -59,6 +59,7 @@ bench: setup
 	$(PY) -m benchmarks.plan --sizes 1000 10000 --repeat 5 --write docs/benchmarks.md
 	$(PY) -m benchmarks.instances --repeat 3 --write docs/benchmarks.md
 	$(PY) -m benchmarks.networks --write docs/benchmarks.md
+	$(PY) -m benchmarks.volumes --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

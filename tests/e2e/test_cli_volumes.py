@@ -165,3 +165,8 @@ def test_snapshots_through_the_cli(tmp_path: Path, env: dict[str, str]) -> None:
     listed = subprocess.run(["qemu-img", "snapshot", "-l", "-U", str(image(tmp_path, "data"))],
                             capture_output=True, text=True, check=True).stdout
     assert "nightly" in listed and "before-upgrade" not in listed
+
+
+def test_multiattach_on_qcow2_files_is_refused(tmp_path: Path, env: dict[str, str]) -> None:
+    result = ok(cli("plan", manifests(tmp_path, shared={"sizeGiB": 1, "multiattach": True}), env=env), 1)
+    assert "spec.multiattach" in text(result) and "cannot share" in text(result)

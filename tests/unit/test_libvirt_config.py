@@ -909,3 +909,11 @@ def test_nic_tap_name_round_trips() -> None:
     assert ET.fromstring(xml).find("target").get("dev") == "rt-0123456789"
     assert InterfaceConfig.from_element(ET.fromstring(xml)).target == "rt-0123456789"
     assert ET.fromstring(InterfaceConfig("52:54:00:ab:cd:ef", "br0").to_xml()).find("target") is None
+
+
+def test_a_multiattach_disk_is_shareable_and_reads_back() -> None:
+    disk = DiskConfig("/dev/vg0/rc-0123456789", "vdb", "raw", serial="rc-0123456789", block=True, shareable=True)
+    elem = ET.fromstring(disk.to_xml())
+    assert elem.get("type") == "block" and elem.find("shareable") is not None
+    assert DiskConfig.from_element(elem) == disk
+    assert ET.fromstring(DiskConfig("/v.qcow2", "vdc").to_xml()).find("shareable") is None

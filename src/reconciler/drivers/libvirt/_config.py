@@ -106,6 +106,8 @@ class DiskConfig:
     serial: str | None = None
     block: bool = False
     readonly: bool = False
+    #: attached to several domains at once (a multiattach volume): no caching, no locks
+    shareable: bool = False
 
     def to_element(self) -> ET.Element:
         disk = ET.Element("disk", {"type": "block" if self.block else "file", "device": self.device})
@@ -116,6 +118,8 @@ class DiskConfig:
             ET.SubElement(disk, "serial").text = self.serial
         if self.readonly:
             ET.SubElement(disk, "readonly")
+        if self.shareable:
+            ET.SubElement(disk, "shareable")
         return disk
 
     def to_xml(self) -> str:
@@ -140,6 +144,7 @@ class DiskConfig:
             serial=serial.text if serial is not None else None,
             block=block,
             readonly=elem.find("readonly") is not None,
+            shareable=elem.find("shareable") is not None,
         )
 
 

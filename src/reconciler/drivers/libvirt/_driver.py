@@ -555,7 +555,7 @@ class LibvirtDriver:
             used.add(device)
             disks.append(DiskConfig(
                 path, device, vol.host.get("format", "raw"), serial=_volume_serial(key.tenant, att["volume"]),
-                block=vol.host.get("block") == "true",
+                block=vol.host.get("block") == "true", shareable=bool(vol.spec.get("multiattach")),
             ))
         nics = []
         for nic in spec.get("networks") or []:

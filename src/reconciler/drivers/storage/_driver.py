@@ -178,6 +178,10 @@ class StorageDriver:
                                    f"{', '.join(sorted(self.backends))})")]
         backend = self.backends[bname]
         out: list[tuple[tuple[str | int, ...], str]] = []
+        if isinstance(backend, FileBackend) and spec.get("multiattach"):
+            out.append((("multiattach",), f"backend {bname} keeps volumes in qcow2 files, which two running "
+                                          "guests cannot share (QEMU locks them for one writer): use an LVM "
+                                          "backend for a multiattach volume"))
         if isinstance(backend, LvmBackend) and not backend.lvm.activation:
             if backend.thin:
                 out.append((("backend",), f"backend {bname} is thin-provisioned, and {NO_DM} (thin "

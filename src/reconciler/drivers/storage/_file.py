@@ -93,7 +93,7 @@ class FileBackend:
             name=stem, size=facts.virtual_size, payload=data, path=str(image), format=facts.format,
             data=f"{human(facts.allocated)} written" if facts.has_data else "empty",
             in_use=in_use, snapshots=tuple(s for s in facts.snapshots if s in owned),
-            extra={"file": str(image), "allocated": human(facts.allocated)},
+            extra={"allocated": human(facts.allocated)},
         )
 
     def _sidecar(self, stem: str) -> dict[str, Any] | None:
