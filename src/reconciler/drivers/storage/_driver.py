@@ -119,10 +119,11 @@ class StorageDriver:
         wanted = list(target.spec.get("snapshots") or [])
         data = payload(backend.home, target.mark.to_dict(), target.spec, wanted)
         found = backend.create(name, int(target.spec["sizeGiB"]), data)
-        for snap in wanted:
-            if snap not in found.snapshots:
-                backend.snapshot(found, snap)
-        return self._reread(backend, name)
+        missing = [snap for snap in wanted if snap not in found.snapshots]
+        for snap in missing:
+            backend.snapshot(found, snap)
+        observed = None if missing else self._observed(backend, found)
+        return observed if observed is not None else self._reread(backend, name)
 
     def update(self, target: Target, observed: Observed, diffs: Sequence[FieldDiff]) -> Observed:
         backend, found = self._find(observed)
