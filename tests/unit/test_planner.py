@@ -113,8 +113,7 @@ CASES: list[dict[str, Any]] = [
         "manifest": {VOLUME: DROP, VM: {"spec.volumes": DROP}},
         "expect": {
             VOLUME: ("orphan", "none", []),
-            VM: ("update", "none", [("volumes[0]", "in-place", "manifest"),
-                                 ("volumeGiB.data", "in-place", "derived")]),
+            VM: ("update", "none", [("volumes[0]", "in-place", "manifest")]),
         },
     },
     {
@@ -126,8 +125,7 @@ CASES: list[dict[str, Any]] = [
         "id": "noop: already orphaned volume stays orphaned",
         "manifest": {VOLUME: DROP, VM: {"spec.volumes": DROP}},
         "mark": {VOLUME: {"orphaned": True}},
-        "expect": {VM: ("update", "none", [("volumes[0]", "in-place", "manifest"),
-                                 ("volumeGiB.data", "in-place", "derived")])},
+        "expect": {VM: ("update", "none", [("volumes[0]", "in-place", "manifest")])},
         "reasons": {VOLUME: "orphaned"},
     },
     {
@@ -352,8 +350,7 @@ CASES: list[dict[str, Any]] = [
         "manifest": {VOLUME: DROP, VM: {"spec.volumes": DROP}},
         "expect": {
             VOLUME: ("delete", "destroy", []),
-            VM: ("update", "none", [("volumes[0]", "in-place", "manifest"),
-                                 ("volumeGiB.data", "in-place", "derived")]),
+            VM: ("update", "none", [("volumes[0]", "in-place", "manifest")]),
         },
     },
     {

@@ -147,7 +147,9 @@ def _update(res: Resource, found: list[Observed], graph: nx.DiGraph, errors: lis
     derived = _derived(res, ports, desired)
     if derived != dict(primary.derived):
         diffs += [FieldDiff(path, old, new, UpdatePolicy.IN_PLACE, cause="derived")
-                  for path, old, new in derived_diffs(derived, primary.derived)]
+                  for path, old, new in derived_diffs(derived, primary.derived)
+                  # a volume attached or detached: its volumes[] diff says it already
+                  if not (path[0] == "volumeGiB" and (old is None or new is None))]
     if res.key.kind == "Network" and target.get("type") != primary.spec.get("type"):
         target = allocator.retype(res, target)  # replaced: the old type's host ids do not carry over
     source = f"{res.source.file}:{res.source.line}"
