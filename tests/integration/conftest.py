@@ -244,6 +244,26 @@ class HostEnv:
         return problems
 
 
+def ok(result: subprocess.CompletedProcess[str], code: int = 0) -> subprocess.CompletedProcess[str]:
+    """A CLI result with exit `code` and no traceback (else its output in the failure)."""
+    assert result.returncode == code, (
+        f"exit {result.returncode}, expected {code}\n--- stdout\n{result.stdout}\n"
+        f"--- stderr\n{result.stderr}"
+    )
+    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    return result
+
+
+def plan_is_zero(env: HostEnv, manifest: Path) -> None:
+    """`plan` of `manifest` has nothing to do."""
+    result = env.cli("plan", "--detailed-exitcode", str(manifest))
+    others = {n: t for n, t in domain_titles().items() if t and not t.startswith(env.tenant + "/")}
+    hint = (f"\n(other domains on this host, e.g. of a concurrent test session, which the "
+            f"plan may count as ours to remove: {others})" if others else "")
+    assert result.returncode == 0 and "No changes" in result.stdout, (
+        f"exit {result.returncode}\n{result.stdout}{result.stderr}{hint}")
+
+
 def _free_subnet() -> ipaddress.IPv4Network:
     used = run("ip", "-4", "-o", "addr", "show").stdout
     routes = run("ip", "-4", "route", "show").stdout

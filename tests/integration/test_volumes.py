@@ -32,9 +32,10 @@ import pytest
 from hostcheck import require_host
 
 from conftest import (
+    ok,
+    plan_is_zero,
     IMAGE,
     HostEnv,
-    domain_titles,
     domstate,
     dumpxml,
     host_env,
@@ -60,24 +61,6 @@ pytestmark = [pytest.mark.slow]
 @pytest.fixture(autouse=True)
 def _real_host() -> None:
     require_host()
-
-
-def ok(result, code: int = 0):
-    assert result.returncode == code, (
-        f"exit {result.returncode}, expected {code}\n--- stdout\n{result.stdout}\n"
-        f"--- stderr\n{result.stderr}"
-    )
-    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
-    return result
-
-
-def plan_is_zero(env: HostEnv, manifest: Path) -> None:
-    result = env.cli("plan", "--detailed-exitcode", str(manifest))
-    others = {n: t for n, t in domain_titles().items() if t and not t.startswith(env.tenant + "/")}
-    hint = (f"\n(other domains on this host, e.g. of a concurrent test session, which the "
-            f"plan may count as ours to remove: {others})" if others else "")
-    assert result.returncode == 0 and "No changes" in result.stdout, (
-        f"exit {result.returncode}\n{result.stdout}{result.stderr}{hint}")
 
 
 # --- the guest's side: a disk watcher in user-data ------------------------------------
