@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 
 def write_section(path: Path, section: str, begin: str, end: str) -> None:
@@ -20,3 +21,9 @@ def write_section(path: Path, section: str, begin: str, end: str) -> None:
         text += ("\n" if text else "") + section
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def reproduce(command: str, now: str, machine: Mapping[str, str]) -> list[str]:
+    """The command block and the machine table every section starts with."""
+    return ["```sh", command, "```", "", f"Run on {now}, on:", "", "| | |", "|---|---|",
+            *(f"| {k} | {v} |" for k, v in machine.items())]

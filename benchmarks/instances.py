@@ -545,16 +545,8 @@ def report(results: dict[str, list[dict[str, Any]]], repeat: int, count: int, de
         "From the project root, as root, with libvirtd running (`scripts/setup-libvirt.sh`) and the "
         "test guest built (`scripts/build-test-image.sh`; `make services` does both):",
         "",
-        "```sh",
-        command,
-        "```",
-        "",
-        f"Run on {now}, on:",
-        "",
-        "| | |",
-        "|---|---|",
+        *_section.reproduce(command, now, machine()),
     ]
-    lines += [f"| {k} | {v} |" for k, v in machine().items()]
     lines += [
         "",
         "### What is measured",

@@ -405,16 +405,8 @@ def report(results: Mapping[str, Any], args: argparse.Namespace, command: str) -
         "From the project root, as root, with the network tools installed (`scripts/setup-network.sh`, "
         "part of `make services`):",
         "",
-        "```sh",
-        command,
-        "```",
-        "",
-        f"Run on {now}, on:",
-        "",
-        "| | |",
-        "|---|---|",
+        *_section.reproduce(command, now, machine()),
     ]
-    lines += [f"| {k} | {v} |" for k, v in machine().items()]
     lines += [
         "",
         "### What is measured",

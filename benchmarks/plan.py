@@ -41,6 +41,8 @@ from typing import Any, Callable
 
 import yaml
 
+from benchmarks import _section
+
 API = "reconciler/v1"
 
 #: one tenant "unit": resources per tenant, in proportions of a small real cloud
@@ -370,16 +372,8 @@ def report(results: list[dict[str, Any]], command: str, aim_s: float) -> str:
         "",
         "From the project root (`make bench` runs the same):",
         "",
-        "```sh",
-        command,
-        "```",
-        "",
-        f"Run on {now}, on:",
-        "",
-        "| | |",
-        "|---|---|",
+        *_section.reproduce(command, now, machine()),
     ]
-    lines += [f"| {k} | {v} |" for k, v in machine().items()]
     lines += [
         "",
         "## What is measured",

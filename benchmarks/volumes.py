@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import platform
 import secrets
 import shutil
 import statistics
@@ -179,10 +178,20 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:.0f} ms | {min(values) * 1000:.0f} ms | {max(values) * 1000:.0f} ms"
 
 
+def machine(r: dict[str, Any]) -> dict[str, str]:
+    from benchmarks.plan import machine as planner_machine
+
+    info = planner_machine()
+    info.pop("libraries", None)
+    dm = "yes" if r["dm"] else "no: lvm2 ran with activation disabled (metadata only), as in CI"
+    qemu_img = run("qemu-img", "--version", check=False).stdout.splitlines()[:1]
+    info["storage tools"] = f"lvm {r['lvm']}; {qemu_img[0] if qemu_img else 'qemu-img ?'}; device-mapper: {dm}"
+    return info
+
+
 def report(r: dict[str, Any], command: str) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     n = r["n"]
-    dm = "yes" if r["dm"] else "no: lvm2 ran with activation disabled (metadata only), as in CI"
     return "\n".join([
         BEGIN,
         "## Volumes on the storage driver (LVM and qcow2 files)",
@@ -195,13 +204,10 @@ def report(r: dict[str, Any], command: str) -> str:
         "From the project root, as root, with lvm2 and qemu-utils (`scripts/setup-storage.sh`, part of "
         "`make services`):",
         "",
-        "```sh",
-        command,
-        "```",
+        *_section.reproduce(command, now, machine(r)),
         "",
-        f"Measured {now} on {platform.node() or 'this machine'}: {os.cpu_count()} cores, Linux "
-        f"{platform.release()}, {r['lvm']}; device-mapper: {dm}. The LVs live in a throwaway volume group "
-        "on a loop device over a sparse file; the files in a directory of the root filesystem (ext4).",
+        "The LVs live in a throwaway volume group on a loop device over a sparse file; the files "
+        "in a directory of the root filesystem (ext4).",
         "",
         f"### Observe and plan with {n} LVs and {n} qcow2 files",
         "",

@@ -20,6 +20,16 @@ STORED_FIELDS = ("multiattach", "wipe", "deletionPolicy")
 
 
 @dataclass(frozen=True, slots=True)
+class Capacity:
+    """What a backend can still promise: bytes, how that was computed, and (LVM) the
+    bytes left in the volume group's metadata area."""
+
+    room: int
+    how: str
+    metadata_free: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Found:
     """One volume a backend found: ours (with its payload) or someone else's."""
 
@@ -31,6 +41,7 @@ class Found:
     format: str = "raw"
     block: bool = False
     data: str = ""  # "empty", "12.0 MiB written", or why it is unknown
+    allocated: int = 0  # bytes the host has given it (a sparse file's blocks)
     in_use: bool = False  # held open by a process (a running guest)
     snapshots: tuple[str, ...] = ()  # names of our snapshots that exist
     drift: tuple[str, ...] = ()

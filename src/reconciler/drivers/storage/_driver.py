@@ -241,23 +241,21 @@ class StorageDriver:
                 needs[bname].append((need, p.key))
             if isinstance(backend, LvmBackend):
                 new_lvs[bname].append((0 if same else 1) + len(snaps - had))
-        for bname, counts in sorted(new_lvs.items()):
+        for bname in sorted(set(needs) | {b for b, counts in new_lvs.items() if sum(counts)}):
             backend = self.backends[bname]
-            assert isinstance(backend, LvmBackend)
-            count = sum(counts)
-            free = backend.metadata_free() if count else None
-            if free is not None and count * LV_METADATA_BYTES > free:
-                out.append((first[bname], ("backend",),
-                            f"the metadata area of volume group {backend.vg} has {human(free)} left, and "
-                            f"{count} new LVs need about {human(count * LV_METADATA_BYTES)}: lvm would refuse "
-                            "them (give the PV a bigger --metadatasize, or use another volume group)"))
-        for bname, items in sorted(needs.items()):
-            backend = self.backends[bname]
-            total = sum(n for n, _ in items)
             found = self._last.get(bname)
-            if found is None:
-                found = backend.scan()
-            room, how = backend.capacity(found)
+            cap = backend.capacity(found if found is not None else backend.scan())
+            count = sum(new_lvs.get(bname, ()))
+            if cap.metadata_free is not None and count * LV_METADATA_BYTES > cap.metadata_free:
+                assert isinstance(backend, LvmBackend)
+                out.append((first[bname], ("backend",),
+                            f"the metadata area of volume group {backend.vg} has {human(cap.metadata_free)} "
+                            f"left, and {count} new LVs need about {human(count * LV_METADATA_BYTES)}: lvm "
+                            "would refuse them (give the PV a bigger --metadatasize, or use another volume "
+                            "group)"))
+            items = needs.get(bname, [])
+            total = sum(n for n, _ in items)
+            room, how = cap.room, cap.how
             if total > room:
                 items.sort(key=lambda item: (-item[0], item[1]))
                 listed = ", ".join(f"{k.display} {human(n)}" for n, k in items[:5])

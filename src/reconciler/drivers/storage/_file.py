@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from reconciler import diskimage
-from reconciler.drivers.storage._common import GIB, Found, dumps, human
+from reconciler.drivers.storage._common import GIB, Capacity, Found, dumps, human
 from reconciler.errors import Conflict, NotFound, PermanentError, TransientError
 from reconciler.fileio import write_atomic
 
@@ -91,7 +91,7 @@ class FileBackend:
         owned = set(data.get("snapshots") or ())
         return Found(
             name=stem, size=facts.virtual_size, payload=data, path=str(image), format=facts.format,
-            data=f"{human(facts.allocated)} written" if facts.has_data else "empty",
+            data=f"{human(facts.allocated)} written" if facts.has_data else "empty", allocated=facts.allocated,
             in_use=in_use, snapshots=tuple(s for s in facts.snapshots if s in owned),
             extra={"allocated": human(facts.allocated)},
         )
@@ -185,24 +185,18 @@ class FileBackend:
 
     # --- capacity ------------------------------------------------------------------------
 
-    def capacity(self, found: list[Found]) -> tuple[int, str]:
-        """(bytes that may still be promised to volumes, how that was computed)."""
+    def capacity(self, found: list[Found]) -> Capacity:
+        """What may still be promised: free space (x overcommit) minus what the volumes
+        found by the last scan may still grow into."""
         where = self.path if self.path.exists() else _existing_parent(self.path)
         st = os.statvfs(where)
         free = st.f_bavail * st.f_frsize
-        promised = 0
-        for f in found:
-            if f.payload is not None and f.path:
-                try:
-                    allocated = os.stat(f.path).st_blocks * 512
-                except OSError:
-                    allocated = 0
-                promised += max(0, f.size - allocated)
+        promised = sum(max(0, f.size - f.allocated) for f in found if f.payload is not None and f.path)
         room = int(free * self.overcommit) - promised
         text = (f"{human(free)} free on the filesystem of {self.path}"
                 + (f" x{self.overcommit:g} overcommit" if self.overcommit != 1 else "")
                 + (f", {human(promised)} of it promised to existing volumes" if promised else ""))
-        return room, text
+        return Capacity(room, text)
 
 
     def snapshot_cost(self, size_gib: int) -> int:

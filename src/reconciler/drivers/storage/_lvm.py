@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from reconciler.drivers.storage._common import Found, dumps, human
+from reconciler.drivers.storage._common import Capacity, Found, dumps, human
 from reconciler.drivers.storage._lvm2 import Lvm2, decode_tags, encode_tags
 from reconciler.errors import Conflict, NotFound, PermanentError
 
@@ -192,23 +192,21 @@ class LvmBackend:
 
     # --- capacity ------------------------------------------------------------------------
 
-    def capacity(self, found: list[Found]) -> tuple[int, str]:
-        if self.thin:
-            assert self.pool is not None
-            pool = self.lvm.pool(self.vg, self.pool)
-            if pool is None:
-                raise PermanentError(f"volume backend {self.name}: thin pool {self.vg}/{self.pool} does not exist")
-            promised = sum(f.size for f in found if f.extra.get("pool") == self.pool)
-            room = int(pool.size * self.overcommit) - promised
-            return room, (f"thin pool {self.vg}/{self.pool}: {human(pool.size)} x{self.overcommit:g} "
-                          f"overcommit, {human(promised)} promised to existing volumes")
-        vg = self.lvm.vg(self.vg)
-        return vg.free, f"{human(vg.free)} free in volume group {self.vg}"
-
-    def metadata_free(self) -> int | None:
-        """Bytes left in the volume group's metadata area (every LV and its tags take
-        some; lvm refuses changes once it is full)."""
-        return self.lvm.vg(self.vg).metadata_free
+    def capacity(self, found: list[Found]) -> Capacity:
+        """One report of the group: its free space (thick) or its thin pool's size, and
+        its metadata area (every LV and its tags take some; lvm refuses changes once it
+        is full)."""
+        vg, lvs = self.lvm.report(self.vg)
+        if not self.thin:
+            return Capacity(vg.free, f"{human(vg.free)} free in volume group {self.vg}", vg.metadata_free)
+        pool = next((lv for lv in lvs if lv.name == self.pool and lv.is_thin_pool), None)
+        if pool is None:
+            raise PermanentError(f"volume backend {self.name}: thin pool {self.vg}/{self.pool} does not exist "
+                                 "(the host config's volumeBackends names it)")
+        promised = sum(f.size for f in found if f.extra.get("pool") == self.pool)
+        room = int(pool.size * self.overcommit) - promised
+        return Capacity(room, f"thin pool {self.vg}/{self.pool}: {human(pool.size)} x{self.overcommit:g} "
+                              f"overcommit, {human(promised)} promised to existing volumes", vg.metadata_free)
 
     def snapshot_cost(self, size_gib: int) -> int:
         return 0 if self.thin else size_gib * 1024**3 * self.snapshot_percent // 100
