@@ -85,15 +85,35 @@ def observe_all(drivers: Iterable[Driver]) -> Observation:
     return result
 
 
-def check_fresh(plan: Plan, observation: Observation, drivers: Mapping[str, Driver] | None = None) -> None:
+def observe_each(drivers: Iterable[Driver]) -> tuple[Observation, dict[str, str]]:
+    """Observe every driver; one whose service is down (a transient error) is left out
+    and reported (driver name -> why), so changes of the others can still be checked."""
+    result = Observation()
+    down: dict[str, str] = {}
+    for drv in drivers:
+        try:
+            result.extend(drv.observe())
+        except TransientError as exc:
+            down[drv.name] = str(exc)
+            log.warning("driver cannot observe", driver=drv.name, error=str(exc))
+    return result, down
+
+
+def check_fresh(plan: Plan, observation: Observation, drivers: Mapping[str, Driver] | None = None,
+                unavailable: Iterable[str] = ()) -> None:
     """Raise StalePlan when a host object a change touches differs from plan time, or
-    (given the drivers) an object without our mark now has the name a create needs."""
+    (given the drivers) an object without our mark now has the name a create needs.
+    Changes of the `unavailable` kinds (their driver could not observe) are not checked:
+    they are not attempted."""
     now: dict[Key, dict[str, str]] = defaultdict(dict)
     for obs in observation.owned:
         now[obs.key][obs.identity] = obs.fingerprint()
     unowned = {(u.kind, u.host_name) for u in observation.unowned}
     stale = []
+    skip = set(unavailable)
     for change in plan.actionable:
+        if change.key.kind in skip:
+            continue
         then = {o.identity: o.fingerprint() for o in change.observed}
         if now.get(change.key, {}) != then:
             stale.append(change.key.display)
@@ -138,6 +158,9 @@ class Executor:
         self.on_done = on_done or (lambda o: None)
         self._current: dict[Key, Observed] = {}
         self._current_lock = threading.Lock()
+        #: drivers that could not observe at the start (name -> why): their changes are
+        #: not attempted and fail as transient
+        self._down: dict[str, str] = {}
 
     # --- the whole run ----------------------------------------------------------------
 
@@ -146,18 +169,21 @@ class Executor:
         changes = plan.actionable
         involved = drivers_for(changes, self.drivers)
         self._current = {}
+        self._down = {}
         if changes:
             # one read of every driver: the freshness check, and what each change's
             # references have on the host (a NIC's bridge, a volume's device path)
-            everything = observe_all(drivers_for_kinds(self.drivers))
+            everything, self._down = observe_each(drivers_for_kinds(self.drivers))
             if check:
-                check_fresh(plan, everything, self.drivers)
+                down_kinds = [k for k, d in self.drivers.items() if d.name in self._down]
+                check_fresh(plan, everything, self.drivers, unavailable=down_kinds)
             for obs in everything.owned:
                 if not obs.mark.orphaned or obs.key not in self._current:
                     self._current[obs.key] = obs
         outcomes = self._run(changes, plan.edges)
         if changes:
-            self._verify(outcomes, observe_all(involved))
+            after, down = observe_each(involved)
+            self._verify(outcomes, after, down)
         order = {c.id: i for i, c in enumerate(changes)}
         result = ApplyResult(sorted(outcomes.values(), key=lambda o: order[o.change.id]))
         result.duration_s = self.clock() - started
@@ -233,6 +259,8 @@ class Executor:
     def _one(self, change: Change, drv: Driver) -> Outcome:
         started = self.clock()
         attempts = [0]
+        if drv.name in self._down:
+            return Outcome(change, FAILED, f"TransientError: not attempted: {self._down[drv.name]}", 0.0, 0)
         try:
             self._act(change, drv, attempts)
         except DriverError as exc:
@@ -303,13 +331,15 @@ class Executor:
 
     # --- afterwards -----------------------------------------------------------------
 
-    def _verify(self, outcomes: dict[str, Outcome], observation: Observation) -> None:
-        """Observe again: a change whose result differs from the plan is a driver bug."""
+    def _verify(self, outcomes: dict[str, Outcome], observation: Observation,
+                down: Mapping[str, str] | None = None) -> None:
+        """Observe again: a change whose result differs from the plan is a driver bug.
+        Changes of a driver that cannot observe now (`down`) stay as they were reported."""
         now: dict[Key, list[Observed]] = defaultdict(list)
         for obs in observation.owned:
             now[obs.key].append(obs)
         for outcome in outcomes.values():
-            if outcome.status != APPLIED:
+            if outcome.status != APPLIED or self.drivers[outcome.change.key.kind].name in (down or {}):
                 continue
             problem = _differs(outcome.change, now.get(outcome.change.key, []))
             if problem:

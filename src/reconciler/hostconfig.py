@@ -29,7 +29,7 @@ REAL_DRIVERS: dict[str, str] = {
     "Image": "libvirt",
     "Instance": "libvirt",
     "Volume": "storage",
-    "Bucket": "swift",
+    "Bucket": "objectstore",
 }
 
 
@@ -137,6 +137,71 @@ class LvmBackend(BaseModel):
 VolumeBackend = Annotated[Union[FileBackend, LvmBackend], Field(discriminator="driver")]
 
 
+class SwiftCredentials(BaseModel):
+    """A tenant's own Swift user: its buckets are made with these, in its account."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: str = Field(description="Swift user (tempauth `account:user`).", min_length=1)
+    key: str = Field(description="Its key (password). Keep the host config 0600.", min_length=1,
+                     json_schema_extra={"x-sensitive": True})
+
+
+class SwiftStore(BaseModel):
+    """An OpenStack Swift cluster (python-swiftclient). Default: the embedded all-in-one
+    that `make setup` starts on 127.0.0.1:8080 (scripts/setup-swift.sh)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    driver: Literal["swift"]
+    authUrl: str = Field("http://127.0.0.1:8080/auth/v1.0", description="Auth endpoint (v1 auth).")
+    user: str = Field("admin:admin", description="A reseller-admin user: it reaches the account "
+                      "of every tenant without credentials of its own (`resellerPrefix` + tenant).")
+    key: str = Field("admin", description="Its key.", json_schema_extra={"x-sensitive": True})
+    resellerPrefix: str = Field("AUTH_", description="Account of a tenant without credentials: "
+                                "this prefix + the tenant's name (tempauth's reseller prefix).",
+                                pattern=r"^[A-Za-z0-9_-]{0,32}$")
+    tenants: dict[str, SwiftCredentials] = Field(
+        default_factory=dict,
+        description="Credentials per tenant: its buckets go to that user's account, made "
+        "with its own credentials (so a tenant cannot reach another's buckets).",
+    )
+    default: bool = Field(False, description="Buckets without `store` go here.")
+    timeoutSeconds: float = Field(10.0, gt=0, le=600, description="Per request.")
+    maxParallel: int = Field(8, ge=1, le=64, description="Requests at once (observe, purge).")
+
+
+class S3Credentials(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    accessKey: str = Field(description="Access key id.", min_length=1)
+    secretKey: str = Field(description="Secret access key.", min_length=1,
+                           json_schema_extra={"x-sensitive": True})
+
+
+class S3Store(BaseModel):
+    """Any S3-compatible endpoint (boto3), e.g. Swift's own s3api, Ceph RGW, MinIO, AWS.
+    S3 has no bucket quotas: a bucket with `quota` set is refused at plan time here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    driver: Literal["s3"]
+    endpoint: str = Field("http://127.0.0.1:8080", description="Endpoint URL.")
+    region: str = Field("us-east-1", description="Region (SigV4 signing).")
+    addressing: Literal["path", "virtual"] = Field("path", description="Bucket addressing style.")
+    tenants: dict[str, S3Credentials] = Field(
+        default_factory=dict,
+        description="Credentials per tenant (required for every tenant with buckets here: "
+        "S3 has no reseller admin).",
+    )
+    default: bool = Field(False, description="Buckets without `store` go here.")
+    timeoutSeconds: float = Field(10.0, gt=0, le=600, description="Per request.")
+    maxParallel: int = Field(8, ge=1, le=64, description="Requests at once (observe, purge).")
+
+
+ObjectStore = Annotated[Union[SwiftStore, S3Store], Field(discriminator="driver")]
+
+
 class HostConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -158,6 +223,12 @@ class HostConfig(BaseModel):
         "is the default (`default: true`, or the only one). None configured: one file backend "
         "`local` in STATE_DIR/volumes/local.",
     )
+    objectStores: dict[Annotated[str, Field(pattern=BACKEND_NAME)], ObjectStore] = Field(
+        default_factory=dict,
+        description="Where buckets live, by store name (a Bucket's `store`). One of them is "
+        "the default (`default: true`, or the only one). None configured: one swift store "
+        "`local`, the embedded all-in-one on 127.0.0.1:8080.",
+    )
     #: where it was read from (None: defaults)
     source: Path | None = Field(None, exclude=True)
 
@@ -178,6 +249,20 @@ class HostConfig(BaseModel):
                 f"(found {len(defaults)}: {', '.join(defaults) or 'none'})"
             )
         return out, defaults[0]
+
+    def object_stores(self) -> tuple[dict[str, SwiftStore | S3Store], str]:
+        """The object stores, and the default's name."""
+        stores: dict[str, SwiftStore | S3Store] = dict(self.objectStores) or {
+            "local": SwiftStore(driver="swift", default=True)}
+        defaults = [n for n, b in stores.items() if b.default]
+        if len(stores) == 1:
+            return stores, next(iter(stores))
+        if len(defaults) != 1:
+            raise ConfigError(
+                "host config: objectStores: exactly one store must say `default: true` "
+                f"(found {len(defaults)}: {', '.join(defaults) or 'none'})"
+            )
+        return stores, defaults[0]
 
     def driver_names(self) -> dict[str, str]:
         if self.drivers == "memory":
@@ -239,4 +324,5 @@ def load_host_config(explicit: str | os.PathLike[str] | None = None) -> HostConf
         if value is not None and not value.is_absolute():
             setattr(config.libvirt, name, (path.parent / value).resolve())
     config.volume_backends()  # exactly one default: said now, not at the first volume
+    config.object_stores()
     return config

@@ -8,10 +8,12 @@ from reconciler.drivers.base import Driver
 from reconciler.drivers.libvirt import LibvirtDriver, LibvirtSettings
 from reconciler.drivers.memory import MemoryDriver
 from reconciler.drivers.netlink import NetlinkDriver, NetlinkSettings
+from reconciler.drivers.objectstore import ObjectStoreDriver, Registry, S3Store, SwiftStore
 from reconciler.drivers.storage import FileBackend, Lvm2, LvmBackend, StorageDriver
 from reconciler.errors import ConfigError
 from reconciler.hostconfig import FileBackend as FileBackendConfig
 from reconciler.hostconfig import HostConfig
+from reconciler.hostconfig import SwiftStore as SwiftStoreConfig
 
 
 def build_drivers(config: HostConfig) -> dict[str, Driver]:
@@ -31,6 +33,8 @@ def build_drivers(config: HostConfig) -> dict[str, Driver]:
                 instances[name] = NetlinkDriver(netlink_settings(config))
             elif name == "storage":
                 instances[name] = storage_driver(config)
+            elif name == "objectstore":
+                instances[name] = objectstore_driver(config)
             else:
                 missing.append(f"{kind}: {name}")
                 continue
@@ -80,6 +84,26 @@ def storage_driver(config: HostConfig) -> StorageDriver:
                 thin=cfg.thin, pool=cfg.pool, overcommit=cfg.overcommit, snapshot_percent=cfg.snapshotPercent,
             )
     return StorageDriver(backends, default)
+
+
+def objectstore_driver(config: HostConfig) -> ObjectStoreDriver:
+    configured, default = config.object_stores()
+    home = home_of(config)
+    state = config.stateDir.resolve() / "objectstore"
+    stores: dict[str, SwiftStore | S3Store] = {}
+    for name, cfg in configured.items():
+        registry = Registry(state / f"{name}.json")
+        if isinstance(cfg, SwiftStoreConfig):
+            stores[name] = SwiftStore(
+                name, auth_url=cfg.authUrl, user=cfg.user, key=cfg.key, reseller_prefix=cfg.resellerPrefix,
+                credentials={t: (c.user, c.key) for t, c in cfg.tenants.items()}, registry=registry,
+                home=home, timeout_s=cfg.timeoutSeconds, max_parallel=cfg.maxParallel)
+        else:
+            stores[name] = S3Store(
+                name, endpoint=cfg.endpoint, region=cfg.region, addressing=cfg.addressing,
+                credentials={t: (c.accessKey, c.secretKey) for t, c in cfg.tenants.items()},
+                registry=registry, home=home, timeout_s=cfg.timeoutSeconds, max_parallel=cfg.maxParallel)
+    return ObjectStoreDriver(stores, default, home)
 
 
 def netlink_settings(config: HostConfig) -> NetlinkSettings:

@@ -341,11 +341,15 @@ def _removal(key: Key, found: list[Observed], policy: object, why: str, res: Res
                       observed=tuple(found), source=source)
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
-    if key.kind == "Bucket" and found[0].spec.get("purgeOnDelete"):
+    purge = key.kind == "Bucket" and bool(found[0].spec.get("purgeOnDelete"))
+    if purge:
         notes = ("purgeOnDelete: its objects are deleted first",)
     if stateful:
         held = [o.host.get("data") for o in found if o.host.get("data") not in (None, "", "empty")]
-        if held:
+        if held and key.kind == "Bucket" and not purge:
+            warnings = (f"holds {held[0]} and purgeOnDelete is false: the store deletes only empty "
+                        "buckets, so this delete will fail (set purgeOnDelete: true, or empty it first)",)
+        elif held:
             warnings = (f"holds data ({held[0]}): deleting destroys it for good "
                         "(deletionPolicy: Delete)",)
     return Change(key=key, action=Action.DELETE, reason=why, disruption=Disruption.DESTROY,
