@@ -10,13 +10,13 @@ DEMO_CONFIG := hostconfig/demo-memory.yaml
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh scripts/setup-libvirt.sh scripts/setup-network.sh scripts/setup-storage.sh scripts/build-test-image.sh $(wildcard guest/*)
+$(STAMP): pyproject.toml scripts/setup.sh scripts/setup-libvirt.sh scripts/setup-network.sh scripts/setup-storage.sh scripts/setup-swift.sh scripts/build-test-image.sh $(wildcard guest/*)
 	bash scripts/setup.sh "$(PYTHON)" "$(VENV)"
 	touch $(STAMP)
 
 ## Host services must run on every test run (a machine reboot stops them); idempotent.
 services: setup
-	@if [ "$$(id -u)" = 0 ]; then bash scripts/setup-libvirt.sh && bash scripts/setup-network.sh && bash scripts/setup-storage.sh && bash scripts/build-test-image.sh; fi
+	@if [ "$$(id -u)" = 0 ]; then bash scripts/setup-libvirt.sh && bash scripts/setup-network.sh && bash scripts/setup-storage.sh && bash scripts/setup-swift.sh && bash scripts/build-test-image.sh; fi
 
 ## The whole test suite (what CI runs).
 test: setup services

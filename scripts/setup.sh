@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install what reconciler needs, idempotently: Debian packages, then a virtualenv.
 # As root it also installs and starts the host services the real drivers need
-# (libvirtd/virtlogd; nftables, dnsmasq; lvm2, qemu-utils) and builds the test guest
-# image; later issues add Swift here.
+# (libvirtd/virtlogd; nftables, dnsmasq; lvm2, qemu-utils; an OpenStack Swift
+# all-in-one on 127.0.0.1:8080 with memcached) and builds the test guest image.
 set -euo pipefail
 PYTHON=${1:-python3.11}
 VENV=${2:-.venv}
@@ -32,6 +32,7 @@ if [ "$(id -u)" = 0 ]; then
   bash "$HERE/setup-libvirt.sh"
   bash "$HERE/setup-network.sh"
   bash "$HERE/setup-storage.sh"
+  bash "$HERE/setup-swift.sh"
 else
   echo "setup: not root: skipping libvirtd and the test guest (the real-driver tests will skip)" >&2
 fi
