@@ -189,6 +189,11 @@ class S3Store(BaseModel):
     endpoint: str = Field("http://127.0.0.1:8080", description="Endpoint URL.")
     region: str = Field("us-east-1", description="Region (SigV4 signing).")
     addressing: Literal["path", "virtual"] = Field("path", description="Bucket addressing style.")
+    tagging: bool = Field(True, description="The endpoint has bucket tagging (where `metadata` "
+                          "goes). Swift's s3api has not: `false` there, and `plan` refuses metadata.")
+    readableAcl: bool = Field(True, description="The endpoint shows canned ACLs in a bucket's grants. "
+                              "Swift's s3api (s3_acl off) does not: `false` there, and the applied "
+                              "ACL is reported (its drift is not seen).")
     tenants: dict[str, S3Credentials] = Field(
         default_factory=dict,
         description="Credentials per tenant (required for every tenant with buckets here: "

@@ -102,7 +102,8 @@ def objectstore_driver(config: HostConfig) -> ObjectStoreDriver:
             stores[name] = S3Store(
                 name, endpoint=cfg.endpoint, region=cfg.region, addressing=cfg.addressing,
                 credentials={t: (c.accessKey, c.secretKey) for t, c in cfg.tenants.items()},
-                registry=registry, home=home, timeout_s=cfg.timeoutSeconds, max_parallel=cfg.maxParallel)
+                registry=registry, home=home, timeout_s=cfg.timeoutSeconds, max_parallel=cfg.maxParallel,
+                tagging=cfg.tagging, readable_acl=cfg.readableAcl)
     return ObjectStoreDriver(stores, default, home)
 
 

@@ -1,11 +1,11 @@
 """What both object stores share: a bucket as found, and the ownership payload on it.
 
-A store keeps, on the bucket itself (Swift container metadata, or S3 bucket tags), one
-payload: ``{"home": ..., "mark": {...}, "spec": {...}}``: the installation that owns it,
+A store keeps, on the bucket itself (Swift container metadata, or an S3 marker object),
+one payload: ``{"home": ..., "mark": {...}, "spec": {...}}``: the installation that owns it,
 the ownership mark, and the spec fields the store cannot show (deletionPolicy,
-purgeOnDelete). Metadata values are short (Swift: 256 bytes; S3 tags: 256 characters),
-so the payload is JSON, deflated, base64url, cut into numbered chunks, and the
-installation id goes alone in `rc-home`, so a scan tells ours from others' cheaply.
+purgeOnDelete). Swift metadata values are short (256 bytes), so there the payload is
+JSON, deflated, base64url, cut into numbered chunks, and the installation id goes alone
+in `rc-home`.
 """
 
 from __future__ import annotations
@@ -46,12 +46,15 @@ class Found:
     drift: tuple[str, ...] = ()
 
 
-def encode_payload(home: str, mark: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, str]:
+def make_payload(home: str, mark: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {"home": home, "mark": dict(mark), "spec": {k: spec[k] for k in STORED_FIELDS if k in spec}}
+
+
+def encode_items(payload: Mapping[str, Any]) -> dict[str, str]:
     """The metadata items that carry the payload: `rc-home` and `rc-mark-0..N`."""
-    body = {"home": home, "mark": dict(mark), "spec": {k: spec[k] for k in STORED_FIELDS if k in spec}}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     packed = base64.urlsafe_b64encode(zlib.compress(text, 9)).decode().rstrip("=")
-    items = {HOME_KEY: home}
+    items = {HOME_KEY: str(payload["home"])}
     for i in range(0, len(packed), CHUNK):
         items[f"{CHUNK_KEY}{i // CHUNK}"] = packed[i : i + CHUNK]
     return items
@@ -109,14 +112,16 @@ class Store(Protocol):
 
     def tenants(self) -> Sequence[str]: ...
 
-    def create(self, target: Target, items: Mapping[str, str]) -> Found: ...
+    def create(self, target: Target, payload: Mapping[str, Any]) -> Found: ...
 
-    def update(self, target: Target, previous: Mapping[str, Any], items: Mapping[str, str]) -> Found: ...
+    def update(self, target: Target, previous: Mapping[str, Any], payload: Mapping[str, Any]) -> Found:
+        """`previous`: the fields the user had set at the last apply (what to remove)."""
+        ...
 
     def delete(self, tenant: str, name: str, purge: bool) -> None: ...
 
-    def set_payload(self, tenant: str, name: str, items: Mapping[str, str]) -> Found:
-        """Write only the ownership items (orphan, adopt)."""
+    def set_payload(self, tenant: str, name: str, payload: Mapping[str, Any]) -> Found:
+        """Write only the ownership payload (orphan, adopt)."""
         ...
 
     def problems(self, tenant: str, name: str, spec: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...], str]]: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from reconciler.drivers.objectstore._common import STORED_FIELDS, Found, Store, data_of, encode_payload
+from reconciler.drivers.objectstore._common import STORED_FIELDS, Found, Store, data_of, make_payload
 from reconciler.errors import ConfigError, NotFound, PermanentError
 from reconciler.models import Key
 from reconciler.state import FieldDiff, Mark, Observation, Observed, Target, Unowned
@@ -80,17 +80,17 @@ class ObjectStoreDriver:
 
     # --- writing ---------------------------------------------------------------------
 
-    def _items(self, target: Target) -> dict[str, str]:
-        return encode_payload(self.home, target.mark.to_dict(), target.spec)
+    def _payload(self, target: Target) -> dict[str, Any]:
+        return make_payload(self.home, target.mark.to_dict(), target.spec)
 
     def create(self, target: Target) -> Observed:
         store = self._store(target.spec.get("store"))
-        found = store.create(target, self._items(target))
+        found = store.create(target, self._payload(target))
         return self._observed(store.name, store, found)
 
     def update(self, target: Target, observed: Observed, diffs: Sequence[FieldDiff]) -> Observed:
         store = self._store(observed.spec.get("store"))
-        found = store.update(target, dict(observed.mark.applied), self._items(target))
+        found = store.update(target, dict(observed.mark.applied), self._payload(target))
         return self._observed(store.name, store, found)
 
     def delete(self, observed: Observed) -> None:
@@ -106,7 +106,7 @@ class ObjectStoreDriver:
                     observed.mark.depends_on)
         stored = {k: observed.spec[k] for k in STORED_FIELDS if k in observed.spec}
         found = store.set_payload(observed.key.tenant, observed.key.name,
-                                  encode_payload(self.home, mark.to_dict(), stored))
+                                  make_payload(self.home, mark.to_dict(), stored))
         return self._observed(store.name, store, found)
 
     def adopt(self, host_name: str, target: Target) -> Observed:
@@ -117,7 +117,7 @@ class ObjectStoreDriver:
             raise PermanentError(f"{host_name} is not {target.key.display}'s bucket: a bucket is adopted "
                                  "under its own name and tenant")
         store = self._store(store_name)
-        found = store.set_payload(tenant, name, self._items(target))
+        found = store.set_payload(tenant, name, self._payload(target))
         return self._observed(store.name, store, found)
 
     # --- plan time -------------------------------------------------------------------

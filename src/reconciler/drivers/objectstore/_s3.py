@@ -3,18 +3,26 @@
 - A tenant's buckets are made with that tenant's own credentials (the host config's
   `tenants`): S3 has no reseller admin, so a tenant without credentials cannot have
   buckets here, which `plan` says.
-- Our mark is in the bucket's tags (`rc-home`, `rc-mark-N`), next to the user's
-  metadata (one tag per key). Tags are a second request after CreateBucket: the bucket
-  is first recorded as `creating` in the state directory, so one found untagged after a
-  killed apply is known as ours and finished, not reported as someone else's.
-- acl: canned ACLs (private, public-read). versioning: Enabled, or Suspended (S3 cannot
-  return a bucket to unversioned). quota: S3 has none, so a quota is a plan error here.
-- Observe: ListBuckets per tenant, then per bucket its tags; ours also their ACL,
+- Our mark is an object in the bucket, `.reconciler-mark` (its body is the payload),
+  because bucket tags, the natural place, are not implemented by every endpoint (Swift's
+  s3api answers 501). Counts of objects and bytes leave it out; a purge deletes it last.
+  It is a second request after CreateBucket: the bucket is first recorded as `creating`
+  in the state directory, so one found unmarked after a killed apply is known as ours and
+  finished, not reported as someone else's.
+- metadata: bucket tags, one per key, where the endpoint has tagging (`tagging: false`
+  in the host config otherwise, and then `plan` refuses metadata on this store).
+- acl: canned ACLs (private, public-read), read back from the bucket's grants; an
+  endpoint whose grants do not show canned ACLs (s3api with `s3_acl = false`) is
+  configured `readableAcl: false`, and the applied value is reported.
+- versioning: Enabled, or Suspended (S3 cannot return a bucket to unversioned). quota:
+  S3 has none, so a quota is a plan error here.
+- Observe: ListBuckets per tenant, then per bucket its mark; ours also their tags, ACL,
   versioning and a count of objects (pages of 1,000 keys, up to 10 pages).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, TypeVar
@@ -25,14 +33,13 @@ from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as B
 from botocore.exceptions import EndpointConnectionError, ReadTimeoutError, ConnectTimeoutError
 
 from reconciler.errors import Conflict, NotFound, PermanentError, TransientError
-from reconciler.drivers.objectstore._common import (
-    Found, Registry, decode_payload, encode_payload, is_ours_key,
-)
+from reconciler.drivers.objectstore._common import Found, Registry
 from reconciler.state import Target
 
 T = TypeVar("T")
 
 ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
+MARK_OBJECT = ".reconciler-mark"
 MAX_TAGS = 50
 #: characters S3 allows in tag keys and values (besides letters, digits and spaces)
 TAG_PUNCTUATION = set("+-=._:/@")
@@ -47,8 +54,11 @@ class S3Store:
 
     def __init__(self, name: str, *, endpoint: str, region: str, addressing: str,
                  credentials: Mapping[str, tuple[str, str]], registry: Registry, home: str,
-                 timeout_s: float = 10.0, max_parallel: int = 8):
+                 timeout_s: float = 10.0, max_parallel: int = 8, tagging: bool = True,
+                 readable_acl: bool = True):
         self.name = name
+        self.tagging = tagging
+        self.readable_acl = readable_acl
         self.endpoint = endpoint
         self.region = region
         self.addressing = addressing
@@ -151,6 +161,19 @@ class S3Store:
             raise
         return {t["Key"]: t["Value"] for t in answer.get("TagSet", [])}
 
+    def _mark(self, tenant: str, name: str) -> dict[str, Any] | None:
+        client = self._client(tenant)
+        try:
+            body = self._call(lambda: client.get_object(Bucket=name, Key=MARK_OBJECT)["Body"].read(),
+                              f"read the mark of {name}", tenant)
+        except NotFound:
+            return None
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) and "mark" in data else {}
+
     def _read_or_none(self, tenant: str, name: str, creating: set[str]) -> Found | None:
         try:
             return self._read(tenant, name, creating)
@@ -159,35 +182,34 @@ class S3Store:
 
     def _read(self, tenant: str, name: str, creating: set[str] | None = None) -> Found:
         client = self._client(tenant)
-        tags = self._tags(tenant, name)
-        ours = {k: v for k, v in tags.items() if is_ours_key(k)}
-        payload = decode_payload(ours)
-        detail = ""
+        payload = self._mark(tenant, name)
         drift: tuple[str, ...] = ()
-        if payload is None:
-            pending = (creating if creating is not None else self.registry.creating())
-            if f"{tenant}/{name}" in pending:
-                detail = "half made"
-            else:
-                detail = "a bucket without our mark" if not ours else "a bucket with a damaged mark"
-            if detail != "half made":
+        if not payload:
+            pending = creating if creating is not None else self.registry.creating()
+            if f"{tenant}/{name}" not in pending:
+                detail = "a bucket without our mark" if payload is None else "a bucket with a damaged mark"
                 return Found(tenant, name, self.account_of(tenant), None, detail, objects=None, bytes=None)
+            drift = ("created but not marked yet (an apply was cut short)",)
+            payload = {"home": self.home, "mark": None, "spec": {}}
         elif payload.get("home") != self.home:
             return Found(tenant, name, self.account_of(tenant), None,
                          f"a bucket of another reconciler installation ({payload.get('home')})",
                          objects=None, bytes=None)
-        acl_answer = self._call(lambda: client.get_bucket_acl(Bucket=name), f"read the ACL of {name}", tenant)
-        public = any(g.get("Grantee", {}).get("URI") == ALL_USERS and g.get("Permission") in ("READ", "FULL_CONTROL")
-                     for g in acl_answer.get("Grants", []))
+        applied = (payload.get("mark") or {}).get("applied") or {}
+        if self.readable_acl:
+            grants = self._call(lambda: client.get_bucket_acl(Bucket=name), f"read the ACL of {name}",
+                                tenant).get("Grants", [])
+            public = any(g.get("Grantee", {}).get("URI") == ALL_USERS and g.get("Permission") in ("READ", "FULL_CONTROL")
+                         for g in grants)
+            acl = "public-read" if public else "private"
+        else:  # the endpoint cannot show it: what was applied
+            acl = str(applied.get("acl", "private"))
         versioning = self._call(lambda: client.get_bucket_versioning(Bucket=name),
                                 f"read versioning of {name}", tenant).get("Status") == "Enabled"
+        tags = self._tags(tenant, name) if self.tagging else {}
         objects, size = self._count(tenant, name)
-        user = {k: v for k, v in tags.items() if not is_ours_key(k)}
-        if payload is None:  # half made: ours, its mark still to be written
-            drift = ("created but not marked yet (an apply was cut short)",)
-            payload = {"home": self.home, "mark": None, "spec": {}}
-        return Found(tenant, name, self.account_of(tenant), payload, acl="public-read" if public else "private",
-                     versioning=versioning, metadata=user, objects=objects, bytes=size, drift=drift)
+        return Found(tenant, name, self.account_of(tenant), payload, acl=acl, versioning=versioning,
+                     metadata=tags, objects=objects, bytes=size, drift=drift)
 
     def _count(self, tenant: str, name: str) -> tuple[int | None, int | None]:
         client = self._client(tenant)
@@ -199,6 +221,8 @@ class S3Store:
                 kwargs["ContinuationToken"] = token
             page = self._call(lambda: client.list_objects_v2(**kwargs), f"list objects of {name}", tenant)
             for obj in page.get("Contents", []):
+                if obj.get("Key") == MARK_OBJECT:
+                    continue
                 objects += 1
                 size += int(obj.get("Size", 0))
             if not page.get("IsTruncated"):
@@ -208,33 +232,52 @@ class S3Store:
 
     # --- writing ----------------------------------------------------------------------
 
-    def _put_tags(self, tenant: str, name: str, tags: Mapping[str, str]) -> None:
+    def _put_mark(self, tenant: str, name: str, payload: Mapping[str, Any], versioned: bool) -> None:
         client = self._client(tenant)
-        tagset = [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
-        self._call(lambda: client.put_bucket_tagging(Bucket=name, Tagging={"TagSet": tagset}),
-                   f"tag bucket {name}", tenant)
+        body = json.dumps(payload, sort_keys=True).encode()
+        self._call(lambda: client.put_object(Bucket=name, Key=MARK_OBJECT, Body=body,
+                                             ContentType="application/json"), f"mark bucket {name}", tenant)
+        if versioned:  # earlier marks stay as old versions: remove them
+            for version in self._versions(tenant, name, prefix=MARK_OBJECT):
+                if not version.get("IsLatest") and version["Key"] == MARK_OBJECT:
+                    self._delete_version(tenant, name, version)
 
-    def _apply(self, target: Target, previous: Mapping[str, Any] | None, items: Mapping[str, str],
+    def _apply(self, target: Target, previous: Mapping[str, Any] | None, payload: Mapping[str, Any],
                current: Found) -> None:
         tenant, name = target.key.tenant, target.key.name
         client = self._client(tenant)
         spec = target.spec
-        metadata = dict(spec.get("metadata") or {})
-        keep = {k: v for k, v in current.metadata.items()
-                if k not in metadata and k not in ((previous or {}).get("metadata") or {})}
-        self._put_tags(tenant, name, {**keep, **metadata, **items})
-        acl = spec.get("acl", "private")
-        if current.acl != acl or previous is None:
-            self._call(lambda: client.put_bucket_acl(Bucket=name, ACL=acl), f"set the ACL of {name}", tenant)
-        if bool(spec.get("versioning")) != current.versioning:
-            status = "Enabled" if spec.get("versioning") else "Suspended"
+        versioning = bool(spec.get("versioning"))
+        if versioning != current.versioning:
+            status = "Enabled" if versioning else "Suspended"
             self._call(lambda: client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": status}),
                        f"set versioning of {name}", tenant)
+        acl = spec.get("acl", "private")
+        if current.acl != acl or previous is None or not self.readable_acl:
+            self._call(lambda: client.put_bucket_acl(Bucket=name, ACL=acl), f"set the ACL of {name}", tenant)
+        if self.tagging:
+            metadata = dict(spec.get("metadata") or {})
+            if metadata != dict(current.metadata):
+                tagset = [{"Key": k, "Value": v} for k, v in sorted(metadata.items())]
+                if tagset:
+                    self._call(lambda: client.put_bucket_tagging(Bucket=name, Tagging={"TagSet": tagset}),
+                               f"tag bucket {name}", tenant)
+                else:
+                    self._call(lambda: client.delete_bucket_tagging(Bucket=name), f"untag bucket {name}", tenant)
+        self._put_mark(tenant, name, payload, versioning or current.versioning)
 
-    def create(self, target: Target, items: Mapping[str, str]) -> Found:
+    def create(self, target: Target, payload: Mapping[str, Any]) -> Found:
         tenant, name = target.key.tenant, target.key.name
         client = self._client(tenant)
-        self.registry.add(tenant, creating=f"{tenant}/{name}")
+        try:
+            self._call(lambda: client.head_bucket(Bucket=name), f"look for bucket {name}", tenant)
+            current: Found | None = self._read(tenant, name)
+        except NotFound:
+            current = None
+        if current is not None and current.payload is None:
+            raise Conflict(f"object store {self.name}: {current.detail} named {name!r} is already in "
+                           f"{current.account}: it is not ours, so it is left alone")
+        self.registry.add(tenant, creating=f"{tenant}/{name}")  # before it can exist unmarked
         kwargs: dict[str, Any] = {"Bucket": name}
         if self.region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
@@ -247,50 +290,70 @@ class S3Store:
         if current.payload is None:
             raise Conflict(f"object store {self.name}: {current.detail} named {name!r} is already in "
                            f"{current.account}: it is not ours, so it is left alone")
-        self._apply(target, None, items, current)
+        self._apply(target, None, payload, current)
         self.registry.created(f"{tenant}/{name}")
         return self._read(tenant, name)
 
-    def update(self, target: Target, previous: Mapping[str, Any], items: Mapping[str, str]) -> Found:
+    def update(self, target: Target, previous: Mapping[str, Any], payload: Mapping[str, Any]) -> Found:
         tenant, name = target.key.tenant, target.key.name
-        self._apply(target, previous, items, self._read(tenant, name))
+        self._apply(target, previous, payload, self._read(tenant, name))
         self.registry.created(f"{tenant}/{name}")
         return self._read(tenant, name)
 
-    def set_payload(self, tenant: str, name: str, items: Mapping[str, str]) -> Found:
-        tags = {k: v for k, v in self._tags(tenant, name).items() if not is_ours_key(k)}
-        self._put_tags(tenant, name, {**tags, **items})
+    def set_payload(self, tenant: str, name: str, payload: Mapping[str, Any]) -> Found:
+        self.registry.add(tenant)
+        client = self._client(tenant)
+        versioned = self._call(lambda: client.get_bucket_versioning(Bucket=name),
+                               f"read versioning of {name}", tenant).get("Status") == "Enabled"
+        self._put_mark(tenant, name, payload, versioned)
         return self._read(tenant, name)
+
+    def _versions(self, tenant: str, name: str, prefix: str = "") -> list[dict[str, Any]]:
+        client = self._client(tenant)
+        paginator = client.get_paginator("list_object_versions")
+        pages = self._call(lambda: list(paginator.paginate(Bucket=name, Prefix=prefix)),
+                           f"list objects of {name}", tenant)
+        return [entry for page in pages for entry in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+
+    def _delete_version(self, tenant: str, name: str, entry: Mapping[str, Any]) -> None:
+        """One object version (or delete marker); DeleteObjects is not used: some endpoints
+        (Swift's s3api) insist on a Content-MD5 that current boto3 no longer sends."""
+        client = self._client(tenant)
+        kwargs = {"Bucket": name, "Key": entry["Key"]}
+        if entry.get("VersionId") and entry["VersionId"] != "null":
+            kwargs["VersionId"] = entry["VersionId"]
+        try:
+            self._call(lambda: client.delete_object(**kwargs), f"delete object {entry['Key']} of {name}", tenant)
+        except NotFound:
+            pass
 
     def delete(self, tenant: str, name: str, purge: bool) -> None:
         client = self._client(tenant)
-        if purge:
-            self._purge(tenant, name)
+        try:
+            entries = self._versions(tenant, name)
+        except NotFound:
+            return
+        theirs = [e for e in entries if e["Key"] != MARK_OBJECT]
+        if theirs and not purge:
+            keys = len({e["Key"] for e in theirs})
+            raise PermanentError(
+                f"object store {self.name}: bucket {name} is not empty ({keys} objects): the store deletes "
+                "only empty buckets; set purgeOnDelete: true to delete its objects with it, or empty it first")
+        victims = theirs + [e for e in entries if e["Key"] == MARK_OBJECT]  # the mark goes last
+        if theirs:
+            with ThreadPoolExecutor(max_workers=min(self.max_parallel, len(theirs)),
+                                    thread_name_prefix=f"s3-purge-{self.name}") as pool:
+                list(pool.map(lambda e: self._delete_version(tenant, name, e), theirs))
+        for entry in victims[len(theirs):]:
+            self._delete_version(tenant, name, entry)
         try:
             self._call(lambda: client.delete_bucket(Bucket=name), f"delete bucket {name}", tenant)
         except NotFound:
             return
         except Conflict:
             raise PermanentError(
-                f"object store {self.name}: bucket {name} is not empty: the store deletes only empty "
-                "buckets; set purgeOnDelete: true to delete its objects with it, or empty it first") from None
-
-    def _purge(self, tenant: str, name: str) -> None:
-        """Delete every object version and delete marker, 1,000 per request."""
-        client = self._client(tenant)
-        paginator = client.get_paginator("list_object_versions")
-        pages = self._call(lambda: list(paginator.paginate(Bucket=name)), f"list objects of {name}", tenant)
-        victims: list[dict[str, str]] = []
-        for page in pages:
-            for entry in page.get("Versions", []) + page.get("DeleteMarkers", []):
-                victim = {"Key": entry["Key"]}
-                if entry.get("VersionId") and entry["VersionId"] != "null":
-                    victim["VersionId"] = entry["VersionId"]
-                victims.append(victim)
-        for i in range(0, len(victims), 1000):
-            batch = victims[i : i + 1000]
-            self._call(lambda: client.delete_objects(Bucket=name, Delete={"Objects": batch, "Quiet": True}),
-                       f"delete objects of {name}", tenant)
+                f"object store {self.name}: bucket {name} is not empty (objects were added while it was being "
+                "deleted): the next apply tries again") from None
 
     # --- plan time --------------------------------------------------------------------
 
@@ -308,11 +371,11 @@ class S3Store:
         if len(name) < 3:
             out.append((("store",), f"S3 bucket names have 3 to 63 characters; {name!r} has {len(name)}"))
         metadata = spec.get("metadata") or {}
-        items = encode_payload(self.home, {"applied": dict(spec), "kind": "Bucket", "tenant": tenant,
-                                           "name": name, "specHash": "0" * 64}, spec)
-        if len(metadata) + len(items) > MAX_TAGS:
-            out.append((("metadata",), f"{len(metadata)} keys: S3 keeps at most {MAX_TAGS} tags on a bucket, "
-                                       f"{len(items)} of them reconciler's"))
+        if metadata and not self.tagging:
+            out.append((("metadata",), f"store {self.name} is an S3 endpoint without bucket tagging "
+                                       "(tagging: false in the host config): metadata is unsupported there"))
+        if len(metadata) > MAX_TAGS:
+            out.append((("metadata",), f"{len(metadata)} keys: S3 keeps at most {MAX_TAGS} tags on a bucket"))
         for key, value in metadata.items():
             bad = sorted({c for c in value if not (c.isalnum() or c == " " or c in TAG_PUNCTUATION)})
             if bad:

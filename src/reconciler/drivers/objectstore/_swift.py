@@ -27,7 +27,7 @@ from swiftclient.exceptions import ClientException
 
 from reconciler.errors import Conflict, NotFound, PermanentError, TransientError
 from reconciler.drivers.objectstore._common import (
-    CHUNK_KEY, Found, Registry, decode_payload, encode_payload, is_ours_key,
+    CHUNK_KEY, Found, Registry, decode_payload, encode_items, is_ours_key, make_payload,
 )
 from reconciler.state import Target
 
@@ -230,8 +230,9 @@ class SwiftStore:
                     h[f"X-Remove-Container-Meta-{k}"] = "x"
         return h
 
-    def create(self, target: Target, items: Mapping[str, str]) -> Found:
+    def create(self, target: Target, payload: Mapping[str, Any]) -> Found:
         tenant, name = target.key.tenant, target.key.name
+        items = encode_items(payload)
         conn = self._conn(tenant)
         try:
             existing = self._read(tenant, name)
@@ -249,13 +250,15 @@ class SwiftStore:
             self._call(lambda: conn.post_container(name, headers), f"update container {name}", tenant)
         return self._read(tenant, name)
 
-    def update(self, target: Target, previous: Mapping[str, Any], items: Mapping[str, str]) -> Found:
+    def update(self, target: Target, previous: Mapping[str, Any], payload: Mapping[str, Any]) -> Found:
         tenant, name = target.key.tenant, target.key.name
-        headers = self._headers(target.spec, previous, items)
+        headers = self._headers(target.spec, previous, encode_items(payload))
         self._call(lambda: self._conn(tenant).post_container(name, headers), f"update container {name}", tenant)
         return self._read(tenant, name)
 
-    def set_payload(self, tenant: str, name: str, items: Mapping[str, str]) -> Found:
+    def set_payload(self, tenant: str, name: str, payload: Mapping[str, Any]) -> Found:
+        self.registry.add(tenant)
+        items = encode_items(payload)
         headers = {f"X-Container-Meta-{k}": v for k, v in items.items()}
         chunks = sum(1 for k in items if k.startswith(CHUNK_KEY))
         for i in range(chunks, chunks + SPARE_CHUNKS):
@@ -281,11 +284,19 @@ class SwiftStore:
     def _purge(self, tenant: str, name: str) -> None:
         """Delete every object and every old version (in parallel)."""
         conn = self._conn(tenant)
-        try:
-            _, listing = self._call(lambda: conn.get_container(name, full_listing=True, query_string="versions"),
-                                    f"list container {name}", tenant)
-        except NotFound:
-            return
+        listing: list[dict[str, Any]] = []
+        marker, version = "", ""
+        while True:  # swiftclient's full_listing drops `?versions`: page by hand
+            try:
+                _, page = self._call(lambda: conn.get_container(name, marker=marker, version_marker=version or None,
+                                                                query_string="versions"),
+                                     f"list container {name}", tenant)
+            except NotFound:
+                return
+            if not page:
+                break
+            listing.extend(page)
+            marker, version = page[-1]["name"], page[-1].get("version_id") or ""
         victims = [(o["name"], o.get("version_id")) for o in listing]
         if not victims:
             return
@@ -308,8 +319,8 @@ class SwiftStore:
     def problems(self, tenant: str, name: str, spec: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
         out: list[tuple[tuple[str | int, ...], str]] = []
         metadata = spec.get("metadata") or {}
-        items = encode_payload(self.home, {"applied": dict(spec), "kind": "Bucket", "tenant": tenant,
-                                           "name": name, "specHash": "0" * 64}, spec)
+        items = encode_items(make_payload(self.home, {"applied": dict(spec), "kind": "Bucket", "tenant": tenant,
+                                                      "name": name, "specHash": "0" * 64}, spec))
         count = len(metadata) + len(items) + 2
         size = sum(len(k.encode()) + len(v.encode()) for k, v in list(metadata.items()) + list(items.items())) + 64
         if count > MAX_META_COUNT:
