@@ -31,3 +31,37 @@ def test_a_kind_the_driver_does_not_realise_is_a_config_error(tmp_path: Path, ki
                         drivers={**MEMORY_REST, "Image": "libvirt", "Instance": "libvirt", kind: "libvirt"})
     with pytest.raises(ConfigError, match=f"drivers: {kind}: the libvirt driver realises only Image, Instance"):
         build_drivers(config)
+
+
+def test_object_stores_from_the_host_config(tmp_path: Path) -> None:
+    from reconciler.drivers.objectstore import ObjectStoreDriver, S3Store, SwiftStore
+    from reconciler.hostconfig import load_host_config
+
+    path = tmp_path / "host.yaml"
+    path.write_text(
+        "stateDir: state\n"
+        "drivers: {Tenant: memory, Network: memory, Router: memory, SecurityGroup: memory,\n"
+        "          Image: memory, Instance: memory, Volume: memory, Bucket: objectstore}\n"
+        "objectStores:\n"
+        "  local: {driver: swift, default: true, tenants: {acme: {user: 'acme:ops', key: s3cret}}}\n"
+        "  aws: {driver: s3, endpoint: 'https://s3.example', region: eu-west-1, tagging: false,\n"
+        "        tenants: {acme: {accessKey: AK, secretKey: topsecret}}}\n"
+    )
+    drivers = build_drivers(load_host_config(path))
+    driver = drivers["Bucket"]
+    assert isinstance(driver, ObjectStoreDriver)
+    assert driver.default == "local" and driver.defaults("Bucket") == {"store": "local"}
+    assert isinstance(driver.stores["local"], SwiftStore) and isinstance(driver.stores["aws"], S3Store)
+    assert driver.stores["local"].account_of("acme") == "user acme:ops"
+    assert driver.stores["local"].account_of("globex") == "AUTH_globex"
+    assert driver.stores["local"].registry.path == tmp_path / "state" / "objectstore" / "local.json"
+    assert not driver.stores["aws"].tagging
+    for store in driver.stores.values():  # keys never in a repr (logs, tracebacks)
+        assert "s3cret" not in repr(store) and "topsecret" not in repr(store)
+
+
+def test_several_object_stores_need_exactly_one_default(tmp_path: Path) -> None:
+    config = HostConfig(stateDir=tmp_path, objectStores={"a": {"driver": "swift"}, "b": {"driver": "s3"}})
+    with pytest.raises(ConfigError, match="objectStores: exactly one store must say `default: true`"):
+        config.object_stores()
+    assert HostConfig(stateDir=tmp_path).object_stores()[1] == "local"
