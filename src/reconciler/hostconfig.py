@@ -147,11 +147,19 @@ class SwiftCredentials(BaseModel):
                      json_schema_extra={"x-sensitive": True})
 
 
-class SwiftStore(BaseModel):
-    """An OpenStack Swift cluster (python-swiftclient). Default: the embedded all-in-one
-    that `make setup` starts on 127.0.0.1:8080 (scripts/setup-swift.sh)."""
+class _Store(BaseModel):
+    """What every object store has."""
 
     model_config = ConfigDict(extra="forbid")
+
+    default: bool = Field(False, description="Buckets without `store` go here.")
+    timeoutSeconds: float = Field(10.0, gt=0, le=600, description="Per request.")
+    maxParallel: int = Field(8, ge=1, le=64, description="Requests at once (observe, purge).")
+
+
+class SwiftStore(_Store):
+    """An OpenStack Swift cluster (python-swiftclient). Default: the embedded all-in-one
+    that `make setup` starts on 127.0.0.1:8080 (scripts/setup-swift.sh)."""
 
     driver: Literal["swift"]
     authUrl: str = Field("http://127.0.0.1:8080/auth/v1.0", description="Auth endpoint (v1 auth).")
@@ -166,9 +174,6 @@ class SwiftStore(BaseModel):
         description="Credentials per tenant: its buckets go to that user's account, made "
         "with its own credentials (so a tenant cannot reach another's buckets).",
     )
-    default: bool = Field(False, description="Buckets without `store` go here.")
-    timeoutSeconds: float = Field(10.0, gt=0, le=600, description="Per request.")
-    maxParallel: int = Field(8, ge=1, le=64, description="Requests at once (observe, purge).")
 
 
 class S3Credentials(BaseModel):
@@ -179,11 +184,9 @@ class S3Credentials(BaseModel):
                            json_schema_extra={"x-sensitive": True})
 
 
-class S3Store(BaseModel):
+class S3Store(_Store):
     """Any S3-compatible endpoint (boto3), e.g. Swift's own s3api, Ceph RGW, MinIO, AWS.
     S3 has no bucket quotas: a bucket with `quota` set is refused at plan time here."""
-
-    model_config = ConfigDict(extra="forbid")
 
     driver: Literal["s3"]
     endpoint: str = Field("http://127.0.0.1:8080", description="Endpoint URL.")
@@ -199,9 +202,6 @@ class S3Store(BaseModel):
         description="Credentials per tenant (required for every tenant with buckets here: "
         "S3 has no reseller admin).",
     )
-    default: bool = Field(False, description="Buckets without `store` go here.")
-    timeoutSeconds: float = Field(10.0, gt=0, le=600, description="Per request.")
-    maxParallel: int = Field(8, ge=1, le=64, description="Requests at once (observe, purge).")
 
 
 ObjectStore = Annotated[Union[SwiftStore, S3Store], Field(discriminator="driver")]

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 from reconciler.fileio import read_json_object, write_atomic
 from reconciler.state import Target
+from reconciler.units import human
 
 #: spec fields the store cannot express: kept in the payload, reported back as they were
 STORED_FIELDS = ("deletionPolicy", "purgeOnDelete")
@@ -80,14 +81,6 @@ def decode_payload(items: Mapping[str, str]) -> dict[str, Any] | None:
 
 def is_ours_key(key: str) -> bool:
     return key == HOME_KEY or key.startswith(CHUNK_KEY)
-
-
-def human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{size:.1f} TiB"  # pragma: no cover
 
 
 def data_of(found: Found) -> str:

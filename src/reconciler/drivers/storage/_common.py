@@ -62,14 +62,6 @@ def dumps(data: Mapping[str, Any]) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
-def human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{size:.1f} TiB"  # pragma: no cover
-
-
 def gib(size: int) -> int:
     """Whole GiB, rounded up (an adopted 1.5 GiB volume is reported as 2)."""
     return -(-size // GIB)

@@ -17,7 +17,8 @@ import dataclasses
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
-from reconciler.drivers.storage._common import GIB, STORED_FIELDS, Found, gib, human, payload
+from reconciler.drivers.storage._common import GIB, STORED_FIELDS, Found, gib, payload
+from reconciler.units import human
 from reconciler.drivers.storage._file import FileBackend
 from reconciler.drivers.storage._lvm import LV_METADATA_BYTES, NO_DM, LvmBackend
 from reconciler.errors import NotFound, PermanentError

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from reconciler import diskimage
-from reconciler.drivers.storage._common import GIB, Capacity, Found, dumps, human
+from reconciler.drivers.storage._common import GIB, Capacity, Found, dumps
+from reconciler.units import human
 from reconciler.errors import Conflict, NotFound, PermanentError, TransientError
 from reconciler.fileio import write_atomic
 

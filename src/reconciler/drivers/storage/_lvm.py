@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from reconciler.drivers.storage._common import Capacity, Found, dumps, human
+from reconciler.drivers.storage._common import Capacity, Found, dumps
+from reconciler.units import human
 from reconciler.drivers.storage._lvm2 import Lvm2, decode_tags, encode_tags
 from reconciler.errors import Conflict, NotFound, PermanentError
 
