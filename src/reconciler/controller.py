@@ -92,12 +92,17 @@ class Controller:
         return observe_all(unique.values())
 
     def conflicts(self, desired: Desired, observation: Observation) -> dict[Key, Unowned]:
-        """Desired objects whose host name is taken by an object without our mark."""
+        """Desired objects whose host name is taken by an object without our mark (and
+        that we do not own already: two stores of one backend, e.g. Swift and its S3 API,
+        each see the other's bucket as unmarked)."""
         unowned = {(u.kind, u.host_name): u for u in observation.unowned}
         if not unowned:
             return {}
+        owned = {o.key for o in observation.owned}
         found = {}
         for res in desired:
+            if res.key in owned:
+                continue
             drv = self.drivers[res.key.kind]
             hit = unowned.get((res.key.kind, drv.host_name(res.key)))
             if hit is not None:
