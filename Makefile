@@ -60,6 +60,7 @@ bench: setup
 	$(PY) -m benchmarks.instances --repeat 3 --write docs/benchmarks.md
 	$(PY) -m benchmarks.networks --write docs/benchmarks.md
 	$(PY) -m benchmarks.volumes --write docs/benchmarks.md
+	$(PY) -m benchmarks.buckets --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

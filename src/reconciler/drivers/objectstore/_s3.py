@@ -27,8 +27,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, TypeVar
 
-import boto3
-from botocore.client import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 from botocore.exceptions import EndpointConnectionError, ReadTimeoutError, ConnectTimeoutError
 
@@ -88,6 +86,9 @@ class S3Store:
         with self._lock:  # boto3 clients are thread-safe; making them is not
             client = self._clients.get(tenant)
             if client is None:
+                import boto3  # 140 ms: only when an s3 store is used
+                from botocore.client import Config
+
                 session = boto3.session.Session()
                 client = session.client(
                     "s3", endpoint_url=self.endpoint, region_name=self.region,
