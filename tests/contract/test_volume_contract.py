@@ -66,7 +66,7 @@ class MemoryVolumes:
         return sorted(json.loads(self._file(name).read_text())["spec"].get("snapshots") or [])
 
     def cleanup(self) -> None:
-        pass
+        """Nothing: its files live in pytest's tmp_path."""
 
 
 class FileVolumes:
