@@ -38,7 +38,6 @@ import os
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,27 +50,15 @@ from typing import Any
 import yaml
 
 from benchmarks import _section
+from benchmarks._section import log, run, spread_ms
+from benchmarks._section import timed_cli as cli
 
 BEGIN = "<!-- buckets:begin -->"
 END = "<!-- buckets:end -->"
 REPO = Path(__file__).resolve().parents[1]
-RECONCILER = REPO / ".venv" / "bin" / "reconciler"
-ENV = {**os.environ, "PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin", "LC_ALL": "C"}
 PROXY = "http://127.0.0.1:8080"
 AUTH_URL = PROXY + "/auth/v1.0"
 ADMIN, ADMIN_KEY = "admin:admin", "admin"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
-                            stdin=subprocess.DEVNULL, env=ENV)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:3])} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def swift_answers() -> bool:
@@ -139,14 +126,6 @@ def manifests(folder: Path, tenant: str, n: int) -> Path:
                      "metadata": {"name": f"b-{i:04d}", "tenant": tenant}, "spec": spec})
     (folder / "buckets.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return folder
-
-
-def cli(config: Path, *args: str, log_level: str = "warning") -> tuple[float, subprocess.CompletedProcess[str]]:
-    env = {**ENV, "RECONCILER_HOST_CONFIG": str(config), "RECONCILER_LOG_LEVEL": log_level, "NO_COLOR": "1"}
-    started = time.perf_counter()
-    result = subprocess.run([str(RECONCILER), *args], capture_output=True, text=True, env=env,
-                            stdin=subprocess.DEVNULL, timeout=3600)
-    return time.perf_counter() - started, result
 
 
 def _planned_line(stderr: str) -> dict[str, Any] | None:
@@ -361,10 +340,6 @@ def swift_version() -> str:
     return result.stdout.strip() or "unknown"
 
 
-def _ms(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1000:.0f} ms | {min(values) * 1000:.0f} ms | {max(values) * 1000:.0f} ms"
-
-
 def machine(r: dict[str, Any]) -> dict[str, str]:
     from benchmarks.plan import machine as planner_machine
 
@@ -390,8 +365,8 @@ def report(r: dict[str, Any], command: str) -> str:
     plan_rows = []
     if r["plan_observe"]:
         plan_rows = [f"| … of which observing (`observe_s` of its `planned` log line; the tenant is in memory) "
-                     f"| {_ms(r['plan_observe'])} |",
-                     f"| … of which planning (`plan_s`: plan, conflicts, host checks) | {_ms(r['plan_part'])} |"]
+                     f"| {spread_ms(r['plan_observe'])} |",
+                     f"| … of which planning (`plan_s`: plan, conflicts, host checks) | {spread_ms(r['plan_part'])} |"]
     return "\n".join([
         BEGIN,
         "## Buckets on the object store driver (Swift)",
@@ -421,11 +396,11 @@ def report(r: dict[str, Any], command: str) -> str:
         "",
         "| what | median | min | max |",
         "|---|---|---|---|",
-        f"| driver `observe()`, {n} buckets (1 account listing + {n} container HEADs) | {_ms(r['observe'])} |",
-        f"| … its CPU time in this process (all threads) | {_ms(r['observe_cpu'])} |",
-        f"| whole `reconciler plan` process, {n} buckets, no change | {_ms(r['plan'])} |",
+        f"| driver `observe()`, {n} buckets (1 account listing + {n} container HEADs) | {spread_ms(r['observe'])} |",
+        f"| … its CPU time in this process (all threads) | {spread_ms(r['observe_cpu'])} |",
+        f"| whole `reconciler plan` process, {n} buckets, no change | {spread_ms(r['plan'])} |",
         *plan_rows,
-        f"| `reconciler version`, for reference (interpreter and CLI start-up) | {_ms(r['startup'])} |",
+        f"| `reconciler version`, for reference (interpreter and CLI start-up) | {spread_ms(r['startup'])} |",
         "",
         f"Requests of one observe, by construction: one account listing, then one HEAD per container "
         f"({n}), 8 at once. Counted once more (untimed, {r['counted_s'] * 1000:.0f} ms): {_counts(req)}. "

@@ -43,13 +43,14 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks import _section
+from benchmarks._section import log, run
 
 from reconciler.models import Key
 from reconciler.naming import host_name
@@ -77,19 +78,6 @@ KCLI = {
     "noop_kcli": 0.26, "noop_lvpy": 0.065,
     "delete_kcli": 19.7, "delete_lvpy": 4.0,
 }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(*args: str, check: bool = True, timeout: float = 120,
-        env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=env,
-                            stdin=subprocess.DEVNULL)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

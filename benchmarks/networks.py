@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _section
+from benchmarks._section import log, run
 
 from reconciler.models import Key
 from reconciler.naming import host_name
@@ -64,17 +65,6 @@ SUBNET_BASE = "10.250"  # 10.250.X.0/24 per network (tests: 10.251, 10.253; inst
 BEGIN = "<!-- networks:begin -->"
 END = "<!-- networks:end -->"
 TOOLS = ("ip", "nft", "dnsmasq")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def processes_mentioning(text: str) -> dict[int, str]:

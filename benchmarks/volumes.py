@@ -29,8 +29,6 @@ import datetime as _dt
 import os
 import secrets
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,26 +37,14 @@ from typing import Any
 import yaml
 
 from benchmarks import _section
+from benchmarks._section import log, run, spread_ms
+from benchmarks._section import timed_cli as cli
 from reconciler.drivers.storage._lvm2 import has_device_mapper
 
 BEGIN = "<!-- volumes:begin -->"
 END = "<!-- volumes:end -->"
 ROOT = Path("/var/lib/reconciler/bench")
 REPO = Path(__file__).resolve().parents[1]
-RECONCILER = REPO / ".venv" / "bin" / "reconciler"
-ENV = {**os.environ, "PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin", "LC_ALL": "C"}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
-                            stdin=subprocess.DEVNULL, env=ENV)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:3])} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 class LoopVg:
@@ -100,14 +86,6 @@ def manifests(folder: Path, tenant: str, n: int) -> Path:
                          "spec": {"sizeGiB": 1, "backend": backend, "deletionPolicy": "Delete"}})
     (folder / "volumes.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return folder
-
-
-def cli(config: Path, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
-    env = {**ENV, "RECONCILER_HOST_CONFIG": str(config), "NO_COLOR": "1"}
-    started = time.perf_counter()
-    result = subprocess.run([str(RECONCILER), *args], capture_output=True, text=True, env=env,
-                            stdin=subprocess.DEVNULL, timeout=3600)
-    return time.perf_counter() - started, result
 
 
 def measure(n: int, repeat: int) -> dict[str, Any]:
@@ -174,10 +152,6 @@ def measure(n: int, repeat: int) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _ms(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1000:.0f} ms | {min(values) * 1000:.0f} ms | {max(values) * 1000:.0f} ms"
-
-
 def machine(r: dict[str, Any]) -> dict[str, str]:
     from benchmarks.plan import machine as planner_machine
 
@@ -213,9 +187,9 @@ def report(r: dict[str, Any], command: str) -> str:
         "",
         "| what | median | min | max |",
         "|---|---|---|---|",
-        f"| observe {n} LVs (one `lvs` of the volume group) | {_ms(r['observe_lvm'])} |",
-        f"| observe {n} qcow2 files (one scan, `/proc/locks`, a header read each) | {_ms(r['observe_files'])} |",
-        f"| whole `reconciler plan` process, {2 * n} volumes, no change | {_ms(r['plan'])} |",
+        f"| observe {n} LVs (one `lvs` of the volume group) | {spread_ms(r['observe_lvm'])} |",
+        f"| observe {n} qcow2 files (one scan, `/proc/locks`, a header read each) | {spread_ms(r['observe_files'])} |",
+        f"| whole `reconciler plan` process, {2 * n} volumes, no change | {spread_ms(r['plan'])} |",
         "",
         f"Apply of all {2 * n} from scratch: {r['apply']:.1f} s (the LVs one at a time: one lvm2 writer "
         f"per volume group; each `lvcreate` commits the VG metadata); destroy of all: {r['destroy']:.1f} s.",
