@@ -65,3 +65,11 @@ def test_several_object_stores_need_exactly_one_default(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="objectStores: exactly one store must say `default: true`"):
         config.object_stores()
     assert HostConfig(stateDir=tmp_path).object_stores()[1] == "local"
+
+
+def test_a_driver_name_that_is_a_store_driver_says_where_it_goes(tmp_path: Path) -> None:
+    config = HostConfig(stateDir=tmp_path, drivers={**MEMORY_REST, "Bucket": "swift", "Volume": "lvm"})
+    with pytest.raises(ConfigError) as refused:
+        build_drivers(config)
+    assert "Bucket: swift (the Bucket driver is `objectstore`; swift and s3 are the `driver` of a store" in str(refused.value)
+    assert "Volume: lvm (the Volume driver is `storage`)" in str(refused.value)

@@ -12,7 +12,7 @@ from reconciler.drivers.objectstore import ObjectStoreDriver, Registry, S3Store,
 from reconciler.drivers.storage import FileBackend, Lvm2, LvmBackend, StorageDriver
 from reconciler.errors import ConfigError
 from reconciler.hostconfig import FileBackend as FileBackendConfig
-from reconciler.hostconfig import HostConfig
+from reconciler.hostconfig import REAL_DRIVERS, HostConfig
 from reconciler.hostconfig import SwiftStore as SwiftStoreConfig
 
 
@@ -36,7 +36,14 @@ def build_drivers(config: HostConfig) -> dict[str, Driver]:
             elif name == "objectstore":
                 instances[name] = objectstore_driver(config)
             else:
-                missing.append(f"{kind}: {name}")
+                real = REAL_DRIVERS.get(kind)
+                hint = ""
+                if name in ("swift", "s3") and kind == "Bucket":
+                    hint = (" (the Bucket driver is `objectstore`; swift and s3 are the `driver` of a "
+                            "store under objectStores)")
+                elif real and real != name and real != "identity":
+                    hint = f" (the {kind} driver is `{real}`)"
+                missing.append(f"{kind}: {name}{hint}")
                 continue
         if kind not in instances[name].kinds:
             raise ConfigError(f"host config: drivers: {kind}: the {name} driver realises only "

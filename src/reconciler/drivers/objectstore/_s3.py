@@ -279,18 +279,17 @@ class S3Store:
             raise Conflict(f"object store {self.name}: {current.detail} named {name!r} is already in "
                            f"{current.account}: it is not ours, so it is left alone")
         self.registry.add(tenant, creating=f"{tenant}/{name}")  # before it can exist unmarked
-        kwargs: dict[str, Any] = {"Bucket": name}
-        if self.region != "us-east-1":
-            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
-        try:
-            self._call(lambda: client.create_bucket(**kwargs), f"create bucket {name}", tenant)
-        except PermanentError as exc:
-            if "BucketAlreadyOwnedByYou" not in str(exc):
-                raise
-        current = self._read(tenant, name)
-        if current.payload is None:
-            raise Conflict(f"object store {self.name}: {current.detail} named {name!r} is already in "
-                           f"{current.account}: it is not ours, so it is left alone")
+        if current is None:
+            kwargs: dict[str, Any] = {"Bucket": name}
+            if self.region != "us-east-1":
+                kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+            try:
+                self._call(lambda: client.create_bucket(**kwargs), f"create bucket {name}", tenant)
+            except PermanentError as exc:
+                if "BucketAlreadyOwnedByYou" not in str(exc):
+                    raise
+            # a new bucket: private, unversioned, untagged (nothing to read back yet)
+            current = Found(tenant, name, self.account_of(tenant), {}, objects=0, bytes=0)
         self._apply(target, None, payload, current)
         self.registry.created(f"{tenant}/{name}")
         return self._read(tenant, name)

@@ -59,6 +59,10 @@ class SwiftStore:
         self.timeout_s = timeout_s
         self.max_parallel = max_parallel
         self._local = threading.local()
+        #: one pool for the store's life: its threads keep their connections (and so their
+        #: tokens) from one observe or purge to the next, instead of authenticating again
+        self._workers: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._base: str | None = None
         self._base_lock = threading.Lock()
 
@@ -103,6 +107,13 @@ class SwiftStore:
     def tenants(self) -> list[str]:
         return sorted(set(self._credentials) | set(self.registry.tenants()))
 
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._workers is None:
+                self._workers = ThreadPoolExecutor(max_workers=self.max_parallel,
+                                                   thread_name_prefix=f"swift-{self.name}")
+            return self._workers
+
     # --- errors -----------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], T], what: str, tenant: str | None = None) -> T:
@@ -129,8 +140,11 @@ class SwiftStore:
             return PermanentError(f"{where}: authentication failed for {who}: check its key in "
                                   f"the host config (objectStores.{self.name})")
         if status == 403:
-            return PermanentError(f"{where}: forbidden (403){': ' + text if text else ''}: the user "
-                                  "may not do this in that account")
+            who = (f"tenant {tenant}'s user {self._credentials[tenant][0]}" if tenant in self._credentials
+                   else f"user {self.user}")
+            return PermanentError(f"{where}: forbidden (403) for {who}{': ' + text if text else ''}: give it "
+                                  f"access to that account, or other credentials in the host config "
+                                  f"(objectStores.{self.name})")
         if status == 404:
             return NotFound(f"{where}: not found")
         if status == 409:
@@ -155,9 +169,7 @@ class SwiftStore:
             listed.extend((tenant, c["name"]) for c in containers)
         if not listed:
             return []
-        workers = min(self.max_parallel, len(listed))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"swift-{self.name}") as pool:
-            found = list(pool.map(lambda tc: self._head(*tc), listed))
+        found = list(self._pool().map(lambda tc: self._head(*tc), listed))
         return [f for f in found if f is not None]
 
     def _head(self, tenant: str, name: str) -> Found | None:
@@ -310,9 +322,7 @@ class SwiftStore:
             except NotFound:
                 pass
 
-        with ThreadPoolExecutor(max_workers=min(self.max_parallel, len(victims)),
-                                thread_name_prefix=f"swift-purge-{self.name}") as pool:
-            list(pool.map(one, victims))
+        list(self._pool().map(one, victims))
 
     # --- plan time --------------------------------------------------------------------
 
