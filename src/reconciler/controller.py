@@ -19,7 +19,7 @@ from reconciler.dependencies import build_graph
 from reconciler.drivers.base import Admitting, Adopting, Attachable, Defaulting, Describing, Driver, Validating
 from reconciler.drivers.registry import build_drivers
 from reconciler.errors import Problem, ReconcilerError, ValidationFailed, format_path
-from reconciler.executor import ApplyResult, Executor, Outcome, observe_all
+from reconciler.executor import NOT_STARTED, ApplyResult, Executor, Outcome, observe_all
 from reconciler.hostconfig import HostConfig
 from reconciler.journal import Journal
 from reconciler.loader import load
@@ -44,6 +44,9 @@ class StatusRow:
     host: Mapping[str, str]
     detail: str = ""
     last_error: str | None = None
+    #: the daemon's: the revision last applied to it, and when a failure is retried
+    revision: str | None = None
+    next_retry: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -54,6 +57,8 @@ class StatusRow:
             "host": dict(self.host),
             "detail": self.detail,
             "lastError": self.last_error,
+            "revision": self.revision,
+            "nextRetry": self.next_retry,
         }
 
 
@@ -163,6 +168,10 @@ class Controller:
         return found
 
     def plan(self, desired: Desired, *, destroy: bool = False) -> Plan:
+        return self.plan_observed(desired, destroy=destroy)[0]
+
+    def plan_observed(self, desired: Desired, *, destroy: bool = False) -> tuple[Plan, Observation]:
+        """The plan and the observation it was made from."""
         started = time.perf_counter()
         observation = self.observe()
         observed_s = time.perf_counter() - started
@@ -188,7 +197,7 @@ class Controller:
             errors=len(the_plan.errors),
             **{a.value: n for a, n in the_plan.counts().items()},
         )
-        return the_plan
+        return the_plan, observation
 
     def apply(
         self,
@@ -197,12 +206,15 @@ class Controller:
         parallelism: int = 8,
         command: str = "apply",
         source: str | None = None,
+        revision: str | None = None,
         on_start: Callable[[Change], None] | None = None,
         on_done: Callable[[Outcome], None] | None = None,
+        stopping: Callable[[], bool] | None = None,
+        sleep: Callable[[float], None] | None = None,
     ) -> ApplyResult:
         """Apply a plan (the caller holds the lock) and journal the outcome."""
         journal = self.journal
-        apply_id = journal.begin(command, source)
+        apply_id = journal.begin(command, source, revision)
 
         def done(outcome: Outcome) -> None:
             c = outcome.change
@@ -213,7 +225,8 @@ class Controller:
             if on_done:
                 on_done(outcome)
 
-        executor = Executor(self.drivers, parallelism=parallelism, on_start=on_start, on_done=done)
+        executor = Executor(self.drivers, parallelism=parallelism, on_start=on_start, on_done=done,
+                            stopping=stopping, **({"sleep": sleep} if sleep else {}))
         try:
             result = executor.apply(the_plan)
         except BaseException:
@@ -228,7 +241,9 @@ class Controller:
             "failed": sum(1 for o in result.outcomes if o.status in ("failed", "mismatch")),
             "skipped": sum(1 for o in result.outcomes if o.status == "skipped"),
         }
-        journal.finish(apply_id, "ok" if result.ok else "failed", result.duration_s, counts)
+        stopped = any(o.error == NOT_STARTED for o in result.outcomes)
+        journal.finish(apply_id, "ok" if result.ok else "stopped" if stopped else "failed",
+                       result.duration_s, counts)
         log.info("applied", command=command, apply_id=apply_id, ok=result.ok,
                  duration_s=round(result.duration_s, 4), **counts)
         return result

@@ -34,6 +34,7 @@ APPLIED = "applied"
 FAILED = "failed"
 SKIPPED = "skipped"
 MISMATCH = "mismatch"
+NOT_STARTED = "not started: stopping"
 
 
 @dataclass(slots=True)
@@ -145,6 +146,7 @@ class Executor:
         clock: Callable[[], float] = time.monotonic,
         on_start: Callable[[Change], None] | None = None,
         on_done: Callable[[Outcome], None] | None = None,
+        stopping: Callable[[], bool] | None = None,
     ):
         if parallelism < 1:
             raise ValueError("parallelism must be at least 1")
@@ -156,6 +158,9 @@ class Executor:
         self.clock = clock
         self.on_start = on_start or (lambda c: None)
         self.on_done = on_done or (lambda o: None)
+        #: when it says True, no further change starts (those running finish, the rest
+        #: are recorded as not started): the daemon's SIGTERM
+        self.stopping = stopping or (lambda: False)
         self._current: dict[Key, Observed] = {}
         self._current_lock = threading.Lock()
         #: drivers that could not observe at the start (name -> why): their changes are
@@ -207,6 +212,12 @@ class Executor:
 
         with ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="apply") as pool:
             while ready or running:
+                if ready and self.stopping():
+                    for cid in ready:
+                        skipped_by.setdefault(cid, "")
+                        for later in _descendants(cid, succ):
+                            skipped_by.setdefault(later, "")
+                    ready.clear()
                 for cid in list(ready):
                     if len(running) >= self.parallelism:
                         break
@@ -242,7 +253,8 @@ class Executor:
                             ready.append(nxt)
         for cid, cause in skipped_by.items():
             if cid not in outcomes:
-                outcome = Outcome(by_id[cid], SKIPPED, f"skipped: {by_id[cause].key.display} failed")
+                why = f"skipped: {by_id[cause].key.display} failed" if cause else NOT_STARTED
+                outcome = Outcome(by_id[cid], SKIPPED, why)
                 outcomes[cid] = outcome
                 self.on_done(outcome)
         return outcomes

@@ -24,10 +24,11 @@ class HostLock:
         timeout_s: float = 60.0,
         *,
         what: str = "apply",
+        name: str = "lock",
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        self.path = Path(state_dir) / "lock"
+        self.path = Path(state_dir) / name
         self.timeout_s = timeout_s
         self.what = what
         self.clock = clock
@@ -55,6 +56,13 @@ class HostLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {self.what}\n".encode(), 0)
         self._fd = fd
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it ("pid 123: apply"), or ""."""
+        try:
+            return self.path.read_text(errors="replace").strip()
+        except OSError:
+            return ""
 
     def release(self) -> None:
         if self._fd is not None:

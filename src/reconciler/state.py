@@ -182,3 +182,16 @@ class FieldDiff:
             cause=data.get("cause", "manifest"),
             sensitive=bool(data.get("sensitive", False)),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class HostEvent:
+    """Something changed on the host (a domain stopped, a link went away), as a driver's
+    watcher saw it: the daemon only marks resources dirty from it (level-based), it never
+    acts on the event itself."""
+
+    driver: str  # the driver's name: "libvirt", "netlink"
+    #: the host object's name as the driver names it (a domain name, an interface name);
+    #: the daemon maps it to resources through the last observation
+    subject: str
+    what: str  # for logs and status events: "domain stopped", "link deleted"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
+import re
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -17,16 +20,20 @@ from reconciler import __version__
 from reconciler.cli.render import (
     render_outcome,
     render_plan,
+    render_daemon,
     render_problems,
     render_result,
     render_status,
 )
-from reconciler.controller import Controller
-from reconciler.errors import ConfigError, ReconcilerError, ValidationFailed
+from reconciler.controller import Controller, StatusRow
+from reconciler.errors import ConfigError, LockTimeout, ReconcilerError, ValidationFailed
 from reconciler.graph import to_dot, to_mermaid
 from reconciler.hostconfig import load_host_config
+from reconciler.journal import Journal, pid_alive
+from reconciler.lock import HostLock
 from reconciler.loader import load
 from reconciler.models import KINDS, Key
+from reconciler.models._base import NAME_PATTERN
 from reconciler.log import configure as configure_logging
 from reconciler.planner import Plan
 from reconciler.schema import write_schemas
@@ -325,25 +332,220 @@ def status(
         controller = state.controller()
         sources = [Path(p) for p in paths] if paths else None
         journal = controller.journal
+        daemon_info = journal.daemon()
+        running = _daemon_running(daemon_info)
         if sources is None:
-            last = journal.last_source()
-            latest = journal.applies(limit=1)
-            if latest and latest[0]["command"] == "destroy":
-                last = None  # destroyed since: those manifests are no longer the desired state
-            if last:
-                candidates = [Path(p) for p in last.split(",")]
-                if all(p.exists() for p in candidates):
-                    sources = candidates
+            sources = _status_sources(journal, daemon_info, running)
         desired = controller.load(sources) if sources else None
-        rows = controller.status(desired)
+        rows = _with_daemon_states(controller.status(desired), journal, running)
         drivers = controller.describe_drivers()
         if as_json:
             sys.stdout.write(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
         else:
+            if daemon_info.get("pid"):
+                render_daemon(out, daemon_info, running, journal.events(limit=10))
             render_status(out, rows, journal.applies(limit=5), drivers)
         return 0
 
     _run(body)
+
+
+def _duration(text: str, option: str) -> float:
+    """30s, 10m, 1h, 500ms or plain seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    t = text.strip().lower()
+    for suffix in ("ms", "s", "m", "h"):
+        if t.endswith(suffix):
+            number, factor = t[: -len(suffix)], units[suffix]
+            break
+    else:
+        number, factor = t, 1.0
+    try:
+        value = float(number) * factor
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: not a duration (e.g. 30s, 10m, 1h)") from None
+    if not 0 < value < 10 ** 7:
+        raise ConfigError(f"{option} {text!r}: must be more than 0")
+    return value
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--metrics-address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9477")
+    return host.strip("[]"), int(port)
+
+
+@app.command()
+def daemon(
+    source: Optional[Path] = typer.Option(None, "--source", help="A folder of manifests, watched (inotify)."),
+    git: Optional[str] = typer.Option(None, "--git", help="A git repository (URL or local path) to follow."),
+    branch: str = typer.Option("main", "--branch", help="The branch to follow (with --git)."),
+    subdir: str = typer.Option("", "--path", help="The manifests' folder inside the repository (with --git)."),
+    interval: str = typer.Option("30s", "--interval", help="How often to fetch the repository (with --git)."),
+    resync: str = typer.Option("10m", "--resync", help="Full resync interval: every resource reconciled."),
+    backoff_cap: str = typer.Option("5m", "--backoff-cap", help="Longest wait between retries of a failing resource."),
+    metrics_address: str = typer.Option("127.0.0.1:9477", "--metrics-address",
+                                        help="Where /metrics and /healthz listen (loopback only; port 0 picks "
+                                        "one; 'off' disables)."),
+    parallelism: int = typer.Option(8, "--parallelism", min=1, max=256, help="Changes run at once."),
+    host_config: Optional[str] = HostConfigOpt,
+) -> None:
+    """Keep the host matching a folder or a git branch: apply new revisions whole, heal
+    drift from host events, retry failures with backoff (SIGTERM stops, SIGHUP reloads
+    the host config)."""
+    _host_config(host_config)
+
+    def body() -> int:
+        from reconciler.daemon import Backoff, Daemon, DaemonOptions, FolderSource, GitSource, MetricsServer
+        from reconciler.daemon._process import block_signals, serve
+
+        if (source is None) == (git is None):
+            raise ConfigError("give exactly one of --source DIR or --git URL")
+        options = DaemonOptions(resync_s=_duration(resync, "--resync"),
+                                backoff=Backoff(1.0, _duration(backoff_cap, "--backoff-cap")),
+                                parallelism=parallelism)
+        metrics_at = None if metrics_address.strip().lower() == "off" else _address(metrics_address)
+        block_signals()  # before any thread starts
+        config = load_host_config(state.host_config)
+        lock = HostLock(config.stateDir, 0, what="daemon", name="daemon.lock")
+        try:
+            lock.acquire()
+        except LockTimeout:
+            raise ConfigError(f"another reconciler daemon runs on the state directory {config.stateDir} "
+                              f"({lock.holder() or 'pid unknown'})") from None
+        try:
+            if git is not None:
+                src = GitSource(git, branch=branch, path=subdir, interval_s=_duration(interval, "--interval"),
+                                cache_dir=Path(config.stateDir) / "daemon" / "git")
+            else:
+                assert source is not None
+                src = FolderSource(source.absolute())
+            the_daemon = Daemon(lambda: load_host_config(state.host_config), src, options=options)
+            server = None
+            if metrics_at is not None:
+                server = MetricsServer(the_daemon.metrics, the_daemon.health, *metrics_at)
+            err.print(f"reconciler daemon (pid {os.getpid()}): {src.description}"
+                      + (f"; metrics on {server.url}/metrics" if server else ""))
+            return serve(the_daemon, server)
+        finally:
+            lock.release()
+
+    _run(body)
+
+
+def _suspension_target(target: Optional[str]) -> str:
+    if target is None or target == "*":
+        return "*"
+    if "/" in target:
+        return str(_parse_address(target))
+    if not re.fullmatch(NAME_PATTERN, target):
+        raise ConfigError(f"{target!r} is neither a tenant name nor KIND/TENANT/NAME")
+    return target
+
+
+def _tell_daemon(journal: Journal) -> str:
+    """Signal the running daemon (SIGUSR1) to read the suspensions again."""
+    info = journal.daemon()
+    pid = info.get("pid")
+    if not isinstance(pid, int) or info.get("stoppedAt") or not pid_alive(pid):
+        return "no daemon runs: it takes effect when one starts"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"reconciler" not in f.read():
+                return "no daemon runs: it takes effect when one starts"
+        os.kill(pid, signal.SIGUSR1)
+    except OSError as exc:
+        return f"could not tell the daemon (pid {pid}): {exc.strerror}; it takes effect at its next start"
+    return f"the daemon (pid {pid}) was told"
+
+
+@app.command()
+def suspend(
+    target: Optional[str] = typer.Argument(None, help="TENANT or KIND/TENANT/NAME (default: everything)."),
+    host_config: Optional[str] = HostConfigOpt,
+) -> None:
+    """Stop the daemon changing a tenant or resource (it is still observed and reported)."""
+    _host_config(host_config)
+
+    def body() -> int:
+        what = _suspension_target(target)
+        journal = Journal(load_host_config(state.host_config).stateDir)
+        fresh = journal.suspend(what)
+        journal.event("info", "Suspended", f"{'everything' if what == '*' else what} suspended",
+                      None if what == "*" else what)
+        out.print(f"Suspended {'everything' if what == '*' else what}"
+                  f"{'' if fresh else ' (it already was)'}; {_tell_daemon(journal)}.")
+        return 0
+
+    _run(body)
+
+
+@app.command()
+def resume(
+    target: Optional[str] = typer.Argument(None, help="TENANT or KIND/TENANT/NAME (default: everything)."),
+    host_config: Optional[str] = HostConfigOpt,
+) -> None:
+    """Let the daemon change a suspended tenant or resource again (reconciled at once)."""
+    _host_config(host_config)
+
+    def body() -> int:
+        what = _suspension_target(target)
+        journal = Journal(load_host_config(state.host_config).stateDir)
+        if not journal.resume(what):
+            held = ", ".join(journal.suspensions()) or "none"
+            raise ConfigError(f"{what!r} is not suspended (suspended: {held})")
+        journal.event("info", "Resumed", f"{'everything' if what == '*' else what} resumed",
+                      None if what == "*" else what)
+        out.print(f"Resumed {'everything' if what == '*' else what}; {_tell_daemon(journal)}.")
+        return 0
+
+    _run(body)
+
+
+def _daemon_running(info: dict[str, Any]) -> bool:
+    pid = info.get("pid")
+    return isinstance(pid, int) and not info.get("stoppedAt") and pid_alive(pid)
+
+
+def _status_sources(journal: Journal, daemon_info: dict[str, Any], running: bool) -> list[Path] | None:
+    """The manifests `status` compares with: the daemon's revision in force when it runs
+    or applied last, else those of the last `apply` (none after a `destroy`)."""
+    latest = journal.applies(limit=1)
+    manifests = daemon_info.get("manifests")
+    if manifests and Path(manifests).exists() and (
+            running or not latest or latest[0]["command"] == "daemon"
+            or str(daemon_info.get("appliedAt", "")) >= latest[0]["started_at"]):
+        return [Path(manifests)]
+    last = journal.last_source()
+    if latest and latest[0]["command"] == "destroy":
+        return None  # destroyed since: those manifests are no longer the desired state
+    if last:
+        candidates = [Path(p) for p in last.split(",")]
+        if all(p.exists() for p in candidates):
+            return candidates
+    return None
+
+
+def _with_daemon_states(rows: list[StatusRow], journal: Journal, running: bool) -> list[StatusRow]:
+    """The live rows with what the daemon knows: the revision each resource was last
+    applied from, its failure and next retry (while it runs), suspensions."""
+    states = journal.resources()
+    suspended = journal.suspensions()
+    out = []
+    for row in rows:
+        st = states.get((row.kind, row.tenant, row.name))
+        if st is not None:
+            row = dataclasses.replace(row, revision=st.revision)
+            if running and st.state in ("failed", "progressing", "waiting") and row.state != "conflict":
+                row = dataclasses.replace(row, state=st.state, detail=st.detail,
+                                          last_error=st.error or row.last_error, next_retry=st.next_retry)
+        hold = next((t for t in suspended if t in ("*", row.tenant, f"{row.kind}/{row.tenant}/{row.name}")), None)
+        if hold is not None and row.state not in ("conflict", "orphaned"):
+            what = "in sync" if row.state == "ready" else f"{row.state}: {row.last_error or row.detail}"
+            row = dataclasses.replace(row, state="suspended", detail=f"suspended ({hold}); {what}", last_error=None)
+        out.append(row)
+    return out
 
 
 @app.command()

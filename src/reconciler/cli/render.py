@@ -150,18 +150,76 @@ def render_result(console: Console, result: ApplyResult) -> None:
 
 
 STATE_STYLE = {"ready": "green", "drifted": "yellow", "pending": "yellow", "missing": "yellow",
+               "progressing": "blue", "waiting": "yellow", "suspended": "magenta",
                "failed": "red", "conflict": "red", "orphaned": "cyan"}
+
+
+def short_revision(revision: str | None) -> str:
+    if not revision:
+        return "-"
+    return revision[:15] if revision.startswith("sha256:") else revision[:12]
+
+
+def render_daemon(console: Console, info: dict[str, Any], running: bool, events: list[dict[str, Any]]) -> None:
+    """The daemon: alive or not, its source, the revision in force and the last one
+    tried (with its errors), and its recent events."""
+    if running:
+        head = Text.assemble(("Daemon: ", "bold"), ("running", "green"),
+                             f" (pid {info.get('pid')}, since {info.get('startedAt', '?')})")
+    else:
+        head = Text.assemble(("Daemon: ", "bold"), ("stopped", "yellow"),
+                             f" (at {info.get('stoppedAt') or '?'}; it was pid {info.get('pid')})")
+    console.print(head)
+    console.print(f"  source:    {info.get('source', '?')}", soft_wrap=True)
+    applied = info.get("appliedRevision")
+    summary = f' "{info["appliedSummary"]}"' if info.get("appliedSummary") else ""
+    console.print(f"  applied:   {short_revision(applied)}{summary} at {info.get('appliedAt', '-')}"
+                  if applied else "  applied:   none yet", soft_wrap=True)
+    attempted = info.get("attemptedRevision")
+    errors = info.get("attemptedErrors") or []
+    if attempted and (attempted != applied or errors):
+        verdict = Text(f"rejected, {len(errors)} error(s)", style="red") if errors else Text("in progress")
+        console.print(Text.assemble(f"  attempted: {short_revision(attempted)} at {info.get('attemptedAt', '-')}: ",
+                                    verdict))
+        for e in errors[:20]:
+            console.print(f"    {e}", soft_wrap=True)
+    if info.get("sourceError"):
+        console.print(Text(f"  source error: {info['sourceError']}", style="red"), soft_wrap=True)
+    facts = []
+    if info.get("lastPassAt"):
+        facts.append(f"last pass {info['lastPassAt']} ({info.get('lastPassSeconds', 0):.2f}s)")
+    if running and info.get("queueDepth") is not None:
+        facts.append(f"queue {info['queueDepth']}")
+    if running and info.get("metricsUrl"):
+        facts.append(f"metrics {info['metricsUrl']}/metrics")
+    if facts:
+        console.print("  " + ", ".join(facts), soft_wrap=True)
+    if events:
+        ev = Table(title="Recent events", box=None, title_justify="left")
+        for col in ("AT", "LEVEL", "REASON", "RESOURCE", "MESSAGE"):
+            ev.add_column(col, overflow="fold")
+        for e in events:
+            style = {"error": "red", "warning": "yellow"}.get(e["level"], "")
+            ev.add_row(e["at"], Text(e["level"], style=style), e["reason"], e.get("resource") or "", e["message"])
+        console.print(ev)
+    console.print()
 
 
 def render_status(console: Console, rows: list[StatusRow], applies: list[dict[str, Any]],
                   drivers: dict[str, dict[str, str]] | None = None) -> None:
     table = Table(box=None, pad_edge=False, show_edge=False)
-    for col in ("KIND", "TENANT", "NAME", "STATE", "HOST", "DETAIL"):
+    revisions = any(r.revision for r in rows)
+    for col in ("KIND", "TENANT", "NAME", "STATE") + (("REVISION",) if revisions else ()) + ("HOST", "DETAIL"):
         table.add_column(col, overflow="fold")
     for r in rows:
         host = " ".join(f"{k}={v}" for k, v in r.host.items())
-        table.add_row(r.kind, r.tenant, r.name, Text(r.state, style=STATE_STYLE.get(r.state, "")),
-                      host, r.last_error or r.detail)
+        detail = r.last_error or r.detail
+        if r.next_retry:
+            detail += f" (next retry {r.next_retry})"
+        cells = [r.kind, r.tenant, r.name, Text(r.state, style=STATE_STYLE.get(r.state, ""))]
+        if revisions:
+            cells.append(short_revision(r.revision))
+        table.add_row(*cells, host, detail)
     if rows:
         console.print(table)
     else:
@@ -171,7 +229,7 @@ def render_status(console: Console, rows: list[StatusRow], applies: list[dict[st
     if applies:
         console.print()
         hist = Table(title="Recent applies", box=None, title_justify="left")
-        for col in ("ID", "COMMAND", "STARTED", "DURATION", "OUTCOME", "CHANGES"):
+        for col in ("ID", "COMMAND", "REVISION", "STARTED", "DURATION", "OUTCOME", "CHANGES"):
             hist.add_column(col)
         for a in applies:
             changes = ", ".join(
@@ -179,5 +237,6 @@ def render_status(console: Console, rows: list[StatusRow], applies: list[dict[st
                 if a.get(c)
             ) or "none"
             dur = f"{a['duration_s']:.2f}s" if a.get("duration_s") is not None else "-"
-            hist.add_row(str(a["id"]), a["command"], a["started_at"], dur, a.get("outcome") or "running", changes)
+            hist.add_row(str(a["id"]), a["command"], short_revision(a.get("revision")), a["started_at"], dur,
+                         a.get("outcome") or "running", changes)
         console.print(hist)

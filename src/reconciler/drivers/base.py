@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 from reconciler.models import Key
-from reconciler.state import FieldDiff, Observation, Observed, Proposal, Target
+from reconciler.state import FieldDiff, HostEvent, Observation, Observed, Proposal, Target
 
 
 @runtime_checkable
@@ -100,3 +100,21 @@ class Laned(Protocol):
     writer per volume group): the executor runs changes of the same lane one at a time."""
 
     def lane(self, key: Key, spec: Mapping[str, Any] | None, observed: Observed | None) -> str | None: ...
+
+
+class Watch(Protocol):
+    """A running watcher: `close()` stops it (idempotent) and returns once it stopped."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Watching(Protocol):
+    """A driver that reports host changes as they happen (libvirt lifecycle events,
+    netlink notifications), so the daemon heals drift without polling."""
+
+    def watch(self, notify: Callable[[HostEvent], None]) -> Watch:
+        """Start watching in a background (daemon) thread; call `notify` for each change
+        to a host object that is or may be ours (from that thread). Reconnects by itself
+        when the service goes away and comes back; never raises from the thread."""
+        ...

@@ -80,6 +80,12 @@ class Metadata(Strict):
         description="Extra ordering: `Kind/name` of resources in the same tenant that must "
         "be realised before this one (like Terraform's depends_on).",
     )
+    drift: Literal["heal", "report"] | None = Field(
+        None,
+        description="What `reconciler daemon` does when the host drifts from this resource "
+        "(someone stopped the VM, deleted the bridge): `heal` puts it back (the default), "
+        "`report` only reports it. On a Tenant: the default of the tenant's resources.",
+    )
 
 
 class Spec(Strict):
