@@ -334,9 +334,18 @@ def status(
         journal = controller.journal
         daemon_info = journal.daemon()
         running = _daemon_running(daemon_info)
-        if sources is None:
+        if sources is not None:
+            desired = controller.load(sources)
+        else:
             sources = _status_sources(journal, daemon_info, running)
-        desired = controller.load(sources) if sources else None
+            desired = None
+            if sources:
+                desired, problems = load(sources)
+                if problems:  # e.g. the daemon's folder mid-edit: it keeps its revision
+                    err.print(f"Note: {', '.join(map(str, sources))} do not validate now ({problems[0]}"
+                              f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); "
+                              "comparing with the host only.", soft_wrap=True)
+                    desired = None
         rows = _with_daemon_states(controller.status(desired), journal, running)
         drivers = controller.describe_drivers()
         if as_json:
