@@ -42,12 +42,13 @@ from reconciler.drivers.libvirt._config import (
 from reconciler.drivers.libvirt._host import Host, libvirt, translated
 from reconciler.drivers.libvirt._probe import DomainType, choose_domain_type
 from reconciler.drivers.libvirt._seed import NicSeed, SeedData, write_seed_iso
+from reconciler.drivers.libvirt._watch import LibvirtWatch, start_watch
 from reconciler.errors import Conflict, NotFound, PermanentError, TransientError
 from reconciler.fileio import read_json_object, write_atomic
 from reconciler.models import Key, UpdatePolicy
 from reconciler.models.network import NetworkSpec, gateway_of
 from reconciler.naming import host_name, mac_address, tap_name
-from reconciler.state import FieldDiff, Mark, Observation, Observed, Target, Unowned
+from reconciler.state import FieldDiff, HostEvent, Mark, Observation, Observed, Target, Unowned
 
 GIB = 1024**3
 SENSITIVE_FIELDS = ("userData",)
@@ -100,6 +101,11 @@ class LibvirtDriver:
 
     def host_name(self, key: Key) -> str:
         return host_name(key)
+
+    def watch(self, notify: Callable[[HostEvent], None]) -> LibvirtWatch:
+        """Report lifecycle and device events of our domains as they happen (see
+        `_watch`): from libvirt's event thread, until the returned watch's `close()`."""
+        return start_watch(self.settings.uri, self.name, notify)
 
     def describe(self) -> dict[str, str]:
         """For `reconciler status`: where it connects and which domain type it uses."""

@@ -29,9 +29,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 from reconciler.drivers.netlink import _dnsmasq, _host, _names, _nft
 from reconciler.drivers.netlink._sidecar import GROUPS, NETWORKS, ROUTERS, Sidecars
+from reconciler.drivers.netlink._watch import NetlinkWatch, start_watch
 from reconciler.errors import PermanentError
 from reconciler.models import Key
-from reconciler.state import FieldDiff, Observation, Observed, Target
+from reconciler.state import FieldDiff, HostEvent, Observation, Observed, Target
 
 VLAN_UNSUPPORTED = _host.VLAN_UNSUPPORTED
 
@@ -145,6 +146,11 @@ class NetlinkDriver:
             out.append((("type",), f"uplink {uplink} (host config netlink.uplinks) does not exist on "
                                    "this host"))
         return out
+
+    def watch(self, notify: Callable[[HostEvent], None]) -> NetlinkWatch:
+        """Report changes to our devices in the host namespace as they happen (see
+        `_watch`): from a daemon thread, until the returned watch's `close()`."""
+        return start_watch(self.name, notify)
 
     def vlan_supported(self) -> bool:
         if self._vlan is None:
