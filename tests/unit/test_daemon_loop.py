@@ -437,3 +437,55 @@ def test_health_reports_the_loop(tmp_path, cloud):
     assert daemon.health()[0] is False  # the loop stopped beating
     daemon.step()
     assert daemon.health()[0] is True
+
+
+class Blind(Flaky):
+    """Cannot observe while `down` is set: a transient outage, or a bug (`bug`)."""
+
+    down = False
+    bug = False
+
+    def observe(self):
+        if self.bug:
+            raise KeyError("a driver bug")
+        if self.down:
+            raise TransientError("the service is down")
+        return super().observe()
+
+
+def test_a_host_that_cannot_be_observed_backs_off_and_the_revision_waits(tmp_path, cloud):
+    config = HostConfig(stateDir=tmp_path / "state", drivers="memory")
+    driver = Blind(config.stateDir / "memory", set())
+    clock = FakeClock()
+    daemon = Daemon(lambda: config, DirSource(cloud), options=DaemonOptions(backoff=Backoff(1.0, 8.0)),
+                    clock=clock, make_controller=lambda c: Controller(c, {k: driver for k in KINDS}), watch=False)
+    driver.down = True
+    report = daemon.step()
+    assert "the service is down" in report.error
+    assert daemon.journal.events()[0]["reason"] == "ReconcileFailed"
+    assert daemon.step() is None  # backing off: no hot loop on the new revision
+    driver.down, driver.bug = False, True
+    clock.advance(1)
+    report = daemon.step()  # an internal error is caught and backs off too
+    assert "KeyError" in report.error and "internal error" in daemon.journal.events()[0]["message"]
+    driver.bug = False
+    clock.advance(2)
+    report = daemon.step()
+    assert report.result.ok and len(on_host(driver)) == 4
+    assert daemon.journal.daemon()["appliedRevision"] == report.revision
+
+
+def test_a_revision_refused_by_a_host_condition_is_tried_again_at_the_resync(tmp_path, cloud):
+    daemon, clock, driver = make_daemon(tmp_path, cloud, resync_s=600)
+    daemon.step()
+    new = Key("Network", "globex", "blocked")
+    squatter = driver.root / "Network" / f"{driver.host_name(new)}.json"
+    squatter.write_text("{}")
+    (cloud / "globex.yaml").write_text(network("globex", "data", "10.2.0.0/24")
+                                       + "---\n" + network("globex", "blocked", "10.3.0.0/24"))
+    daemon.source_changed()
+    assert daemon.step().rejected
+    squatter.unlink()  # the conflict is gone: nothing tells the daemon
+    clock.advance(600)
+    daemon.step()
+    assert new in on_host(driver)

@@ -102,6 +102,9 @@ class PassReport:
 
 
 class Daemon:
+    #: queue entry for a pass that failed with nothing due (a new revision's first pass)
+    _PASS = Key("", "", "")
+
     def __init__(
         self,
         load_config: Callable[[], HostConfig],
@@ -138,6 +141,9 @@ class Daemon:
         self._source_retry_at: float | None = None
         self._source_failures = 0
         self._attempted: str | None = None
+        #: the last revision tried was refused by the plan (not by validation): a host
+        #: condition, tried again at the next resync
+        self._rejected_by_plan = False
         self._watches: list[Watch] = []
         self._suspended: dict[str, str] = self.journal.suspensions()
         self._names: dict[str, set[Key]] = {}
@@ -256,12 +262,16 @@ class Daemon:
         if source:
             self._read_source()
         if self.queue.resync_due():
+            if self._rejected_by_plan:  # a conflict or no room on the host: may be gone now
+                self._rejected_by_plan = False
+                self._attempted = None
+                self._read_source()
             self.queue.add_all(self._all_keys())
             self.queue.resynced()
             log.info("resync", resources=len(self._known))
         due = self.queue.pop_due()
         report = None
-        if due or self.candidate is not None:
+        if due or (self.candidate is not None and self.queue.retry_at(self._PASS) is None):
             report = self.reconcile(due)
         self.metrics.queue_depth.set(len(self.queue))
         return report
@@ -390,11 +400,16 @@ class Daemon:
             report.error = str(exc)
             self.queue.add_all(due, after=self.options.lock_timeout_s)
             self._event("warning", "HostLocked", f"{exc}; trying again")
-        except ReconcilerError as exc:
+        except Exception as exc:  # noqa: BLE001 - the loop goes on: a bug in one pass must not stop healing
+            internal = not isinstance(exc, ReconcilerError)
+            if internal:
+                log.exception("internal error in a reconcile pass")
             report.error = f"{type(exc).__name__}: {exc}"
-            for key in due:
+            for key in due | {self._PASS}:  # _PASS: a new revision waits as long
                 self.queue.failed(key)
-            self._event("error", "ReconcileFailed", f"reconcile failed: {exc}; trying again with backoff")
+            self._event("error", "ReconcileFailed",
+                        f"reconcile failed: {'internal error: ' if internal else ''}{type(exc).__name__}: {exc}; "
+                        "trying again with backoff")
         finally:
             self._in_pass_since = None
             self.passes += 1
@@ -407,16 +422,19 @@ class Daemon:
 
     def _reconcile_locked(self, due: set[Key], report: PassReport) -> None:
         controller = self.controller
-        candidate, self.candidate = self.candidate, None
+        candidate = self.candidate  # kept until planned: a pass that fails tries it again
         if candidate is not None:
             the_plan, observation = controller.plan_observed(candidate.desired)
+            self.candidate = None
             if the_plan.errors:
                 self._reject(candidate.snapshot, the_plan.errors)
+                self._rejected_by_plan = True
                 report.rejected = [dataclasses.replace(p, file=candidate.snapshot.display(p.file))
                                    if p.file else p for p in the_plan.errors]
                 candidate = None
             else:
                 self.current = candidate
+                self._rejected_by_plan = False
         if self.current is None:
             return  # nothing good to apply yet
         if candidate is None:
@@ -534,6 +552,7 @@ class Daemon:
         outcomes = {o.change.key: o for o in (result.outcomes if result else [])}
         actionable = {c.key: c for c in the_plan.actionable}
         revision = rev.snapshot.revision
+        self.queue.forget(self._PASS)
         for key in due:
             if key not in actionable:
                 self.queue.succeeded(key)
@@ -578,10 +597,11 @@ class Daemon:
         for key, h in held.items():
             if key in outcomes:
                 continue
-            if h.state == FAILED and h.error and key not in self._errors:
+            if h.state == FAILED and h.error and key not in self.queue:
+                if self._errors.get(key) != h.error:
+                    self._event("error", "CannotPlan", h.error, resource=str(key), revision=revision)
                 self._errors[key] = h.error
-                delay = self.queue.failed(key)
-                self._event("error", "CannotPlan", h.error, resource=str(key), revision=revision)
+                self.queue.failed(key)  # looked at again (with backoff) while the problem lasts
             rows[key] = self._row(key, h.state, h.detail, h.error or self._errors.get(key),
                                   self.queue.retry_at(key))
         owned = {o.key: o for o in observation.owned}
