@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import textwrap
 from pathlib import Path
 from typing import Callable, Iterable
@@ -489,3 +490,46 @@ def test_a_revision_refused_by_a_host_condition_is_tried_again_at_the_resync(tmp
     clock.advance(600)
     daemon.step()
     assert new in on_host(driver)
+
+
+class CopySource(DirSource):
+    """Each revision a copy of its own, as the git source's checkouts."""
+
+    def latest(self) -> Snapshot:
+        snap = super().latest()
+        copy = self.root.parent / "checkouts" / snap.revision.replace(":", "-")
+        if not copy.exists():
+            shutil.copytree(self.root, copy)
+        return Snapshot(snap.revision, copy, "")
+
+
+def test_a_restart_keeps_the_last_good_revision_when_the_head_does_not_validate(tmp_path, cloud):
+    daemon, _, driver = make_daemon(tmp_path, cloud)
+    daemon.source = CopySource(cloud)
+    daemon.source_changed()
+    good = daemon.step().revision
+    (cloud / "acme.yaml").write_text(network("acme", "web", "10.1.0.0/33"))
+    again, clock, driver = make_daemon(tmp_path, cloud)
+    again.source = CopySource(cloud)
+    again.start()
+    again.step()
+    info = again.journal.daemon()
+    assert info["appliedRevision"] == good and info["attemptedErrors"]
+    assert info["attemptedErrors"][0].startswith("acme.yaml:")  # named as in the repository
+    _set_mtu_on_host(driver, DATA, 9000)
+    report = after_event(again)
+    assert report.revision == good and report.drifted == [DATA]
+    assert on_host(driver)[DATA]["spec"]["mtu"] == 1450
+    again.shutdown()
+
+
+def test_a_reload_that_moves_the_state_directory_is_refused(tmp_path, cloud):
+    configs = [HostConfig(stateDir=tmp_path / "state", drivers="memory")]
+    daemon = Daemon(lambda: configs[-1], DirSource(cloud), clock=FakeClock(), watch=False)
+    daemon.step()
+    configs.append(HostConfig(stateDir=tmp_path / "elsewhere", drivers="memory"))
+    daemon.request_reload()
+    daemon.step()
+    event = daemon.journal.events()[0]
+    assert event["reason"] == "HostConfigInvalid" and "stateDir changed" in event["message"]
+    assert daemon.controller.config.stateDir == tmp_path / "state"

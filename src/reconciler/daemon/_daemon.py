@@ -31,6 +31,7 @@ import threading
 import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import structlog
@@ -194,6 +195,7 @@ class Daemon:
     # --- life -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._restore()
         closed = self.journal.close_abandoned()
         self.journal.set_daemon(pid=os.getpid(), startedAt=self._started_at, stoppedAt=None,
                                 source=self.source.description, resyncSeconds=self.options.resync_s)
@@ -201,6 +203,23 @@ class Daemon:
                     + (f"; {closed} apply interrupted by a crash closed in the journal" if closed else ""))
         self.source.start(self.source_changed)
         self._start_watches()
+
+    def _restore(self) -> None:
+        """The revision in force when the daemon last ran, if its manifests are still
+        there and valid (a git checkout is kept): it stays in force (drift is healed
+        against it) even when the source's head does not validate now."""
+        info = self.journal.daemon()
+        revision, manifests = info.get("appliedRevision"), info.get("manifests")
+        if not revision or not manifests or not Path(manifests).is_dir():
+            return
+        desired, problems = load([manifests])
+        if problems:
+            return
+        display = info.get("manifestsDisplay", manifests)
+        self.current = _Revision(Snapshot(revision, Path(manifests), display, info.get("appliedSummary") or ""),
+                                 desired)
+        self._attempted = None
+        log.info("restored the revision in force", revision=revision, resources=len(desired))
 
     def run(self) -> None:
         """Start, loop until stopped, shut down."""
@@ -235,7 +254,7 @@ class Daemon:
         alive = in_pass or now - self._heartbeat <= 4 * self.options.heartbeat_s
         return alive and not self._stop.is_set(), {
             "revision": self.current.snapshot.revision if self.current else None,
-            "queueDepth": len(self.queue),
+            "queueDepth": self._depth(),
             "inPass": in_pass,
             "secondsSinceHeartbeat": round(now - self._heartbeat, 3),
         }
@@ -273,7 +292,7 @@ class Daemon:
         report = None
         if due or (self.candidate is not None and self.queue.retry_at(self._PASS) is None):
             report = self.reconcile(due)
-        self.metrics.queue_depth.set(len(self.queue))
+        self.metrics.queue_depth.set(self._depth())
         return report
 
     # --- sources ------------------------------------------------------------------------
@@ -360,13 +379,15 @@ class Daemon:
         try:
             config = self.load_config()
             controller = self.make_controller(config)
+            if Path(config.stateDir) != Path(self.controller.config.stateDir):
+                raise ReconcilerError(f"stateDir changed ({self.controller.config.stateDir} -> "
+                                      f"{config.stateDir}): restart the daemon for that")
             controller.drivers  # noqa: B018 - build them now: a bad config fails here
         except ReconcilerError as exc:
             self._event("error", "HostConfigInvalid", f"host config not reloaded, the old one stays: {exc}")
             return
         self._close_watches()
         self.controller = controller
-        self.journal = Journal(config.stateDir)
         self._start_watches()
         self.queue.add_all(self._all_keys())
         self._event("info", "HostConfigReloaded", "host config read again; every resource is reconciled")
@@ -417,7 +438,7 @@ class Daemon:
             self.metrics.reconcile_seconds.observe(elapsed)
             self.metrics.last_pass.set(time.time())
             self.journal.set_daemon(lastPassAt=now_iso(), lastPassSeconds=round(elapsed, 4),
-                                    queueDepth=len(self.queue))
+                                    queueDepth=self._depth())
         return report
 
     def _reconcile_locked(self, due: set[Key], report: PassReport) -> None:
@@ -460,7 +481,7 @@ class Daemon:
         if candidate is not None:
             self.journal.set_daemon(appliedRevision=rev.snapshot.revision, appliedAt=now_iso(),
                                     appliedSummary=rev.snapshot.summary or None,
-                                    manifests=str(rev.snapshot.root))
+                                    manifests=str(rev.snapshot.root), manifestsDisplay=rev.snapshot.display_root)
             self.metrics.set_revision(rev.snapshot.revision)
             outcome = "ok" if result is None or result.ok else "with failures"
             self._event("info", "RevisionApplied",
@@ -488,6 +509,7 @@ class Daemon:
         """Which changes wait (and why), and which resources drifted."""
         held: dict[Key, _Held] = {}
         drift: set[Key] = set()
+        fresh: list[tuple[Change, str]] = []  # drift seen for the first time
         for change in the_plan.actionable:
             key = change.key
             is_drift = self._is_drift(change)
@@ -495,10 +517,7 @@ class Daemon:
             if is_drift:
                 drift.add(key)
                 if key not in self._drifted:
-                    self.metrics.drift.labels(key.kind, policy).inc()
-                    self._event("warning", "Drift", f"{key.display} drifted: {change.reason}"
-                                + (" (report only: not healed)" if policy == "report" else "; healing"),
-                                resource=str(key))
+                    fresh.append((change, policy))
             suspension = self.suspended(key)
             retry = self.queue.retry_at(key)
             if suspension is not None:
@@ -526,6 +545,13 @@ class Daemon:
                     continue
                 held[change.key] = _Held(WAITING, f"waits for {cause.display}")
                 stack.append((nxt, cause))
+        for change, policy in fresh:
+            key = change.key
+            self.metrics.drift.labels(key.kind, policy).inc()
+            why = held.get(key)
+            then = ("; healing" if why is None else " (report only: not healed)" if why.state == DRIFTED
+                    else f" (not healed now: {why.detail})")
+            self._event("warning", "Drift", f"{key.display} drifted: {change.reason}{then}", resource=str(key))
         return held, drift
 
     def _is_drift(self, change: Change) -> bool:
@@ -587,8 +613,9 @@ class Daemon:
                 delay = self.queue.failed(key)
                 error = self._where(rev, key) + (outcome.error or outcome.status)
                 self._errors[key] = error
-                self.metrics.failures.labels(key.kind).inc()
                 state = WAITING if outcome.status == SKIPPED else FAILED
+                if state == FAILED:
+                    self.metrics.failures.labels(key.kind).inc()
                 if state == FAILED:
                     self._event("error", "ApplyFailed", f"{change.action.value} {key.display}: {error}",
                                 resource=str(key), revision=revision)
@@ -656,6 +683,10 @@ class Daemon:
                 names[drv.host_name(res.key)].add(res.key)
         self._names = dict(names)
         self._known = set(desired.resources) | {o.key for o in observation.owned}
+
+    def _depth(self) -> int:
+        """Resources queued (not counting the marker of a failed pass)."""
+        return len(self.queue) - (1 if self._PASS in self.queue else 0)
 
     def _all_keys(self) -> set[Key]:
         keys = set(self._known)
