@@ -202,6 +202,14 @@ def test_a_folder_applied_edited_and_drift_healed_from_host_events() -> None:
                      what=f"the guest's tap {tap[0]} on {bridge} again\n{daemon.output()}")
             assert f"Network/{t}/net" in [e["resource"] for e in events(env, "DriftHealed")]
 
+            # our nftables rules flushed by hand are put back (nft monitor)
+            rules = wait_for(lambda: _rules(env), 10, what="our nftables rules")
+            healed_before = len(events(env, "DriftHealed"))
+            run("nft", "flush", "table", "inet", env.table)
+            wait_for(lambda: _rules(env) == rules, HEAL_TIMEOUT,
+                     what=f"our {len(rules)} nftables rules back\n{daemon.output()}")
+            assert len(events(env, "DriftHealed")) > healed_before
+
             # drift: report -> a destroyed guest is reported, not started
             previous = daemon_facts(env)["appliedRevision"]
             write(manifest, cloud(t, cidr, mtu=1400, instance_meta={"drift": "report"}))
@@ -224,6 +232,13 @@ def test_a_folder_applied_edited_and_drift_healed_from_host_events() -> None:
         rows = status_json(env)
         assert {r["state"] for r in rows.values()} == {"ready"}, rows
         assert all(r["revision"] for r in rows.values()), rows
+
+
+def _rules(env: NetEnv) -> list[str]:
+    """Our inet table's rules, as `nft` lists them (handles left out)."""
+    listed = json.loads(run("nft", "-j", "list", "table", "inet", env.table).stdout)["nftables"]
+    return sorted(json.dumps({k: v for k, v in item["rule"].items() if k != "handle"}, sort_keys=True)
+                  for item in listed if "rule" in item)
 
 
 def _applied_new(env: NetEnv, previous: str) -> bool:

@@ -169,6 +169,42 @@ def test_netlink_reports_our_links_only_and_stops_when_closed(
         assert seen.since(closed) == []
 
 
+def test_nftables_changes_to_our_table_are_reported_once_per_burst(tmp_path: Path) -> None:
+    """A rule of ours deleted by hand (or a `flush ruleset`) is reported; other tables
+    are not; a burst of changes is one event; nothing after close()."""
+    require_network()
+    from reconciler.drivers.netlink._nftwatch import NftWatch
+
+    home = secrets.token_hex(4)
+    ours_table, other = f"reconciler_{home}", f"rctestother{home}"
+    got = Collector()
+    watch = NftWatch("netlink", ours_table, got).start()
+    try:
+        with closing(watch):
+            time.sleep(0.3)  # nft monitor subscribes once started: give the child a moment
+            mark = got.mark()
+            run("nft", "add", "table", "inet", other)
+            run("nft", "add", "chain", "inet", other, "c")
+            time.sleep(0.5)
+            assert got.since(mark) == []  # not our table
+            run("nft", "add", "table", "inet", ours_table)
+            for i in range(5):
+                run("nft", "add", "chain", "inet", ours_table, f"c{i}")
+            got.wait("*", "nftables changed", after=mark)
+            time.sleep(0.5)  # a burst is one event
+            assert [e.what for e in got.since(mark)] == ["nftables changed"]
+            mark = got.mark()
+            run("nft", "delete", "chain", "inet", ours_table, "c3")
+            got.wait("*", "nftables changed", after=mark)
+        mark = got.mark()
+        run("nft", "add", "chain", "inet", ours_table, "after")
+        time.sleep(0.5)
+        assert got.since(mark) == []
+    finally:
+        for table in (ours_table, other):
+            run("nft", "delete", "table", "inet", table, check=False)
+
+
 def test_netlink_overflow_is_reported_and_the_watch_goes_on(netlink_driver: NetlinkDriver) -> None:
     """A reader stuck in `notify` while the kernel sends more than its socket holds: the
     messages are lost (ENOBUFS); the watch resubscribes and asks for a resync ("*")."""

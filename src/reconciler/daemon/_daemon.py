@@ -558,10 +558,14 @@ class Daemon:
         """The host moved and the manifest did not: a field changed on the host, the
         driver found something broken, or an object we had made is gone."""
         if change.action in (Action.UPDATE, Action.REPLACE):
-            if change.diffs:
-                return all(d.cause == "drift" for d in change.diffs)
             primary = change.primary
-            return bool(primary is not None and primary.drift)
+            broken = bool(primary is not None and primary.drift)
+            causes = {d.cause for d in change.diffs}
+            if not causes:
+                return broken
+            # derived facts (a network's ports) differ as a consequence of what the
+            # driver found broken (its rules gone), not of another resource's edit
+            return causes == {"drift"} or (broken and causes <= {"drift", "derived"})
         if change.action is Action.CREATE and change.target is not None:
             return self._seen_hash.get(change.key) == change.target.mark.spec_hash
         return False

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from reconciler.drivers.netlink import _dnsmasq, _host, _names, _nft
 from reconciler.drivers.netlink._sidecar import GROUPS, NETWORKS, ROUTERS, Sidecars
+from reconciler.drivers.netlink._nftwatch import NftWatch
 from reconciler.drivers.netlink._watch import NetlinkWatch, start_watch
 from reconciler.errors import PermanentError
 from reconciler.models import Key
@@ -147,10 +148,17 @@ class NetlinkDriver:
                                    "this host"))
         return out
 
-    def watch(self, notify: Callable[[HostEvent], None]) -> NetlinkWatch:
-        """Report changes to our devices in the host namespace as they happen (see
-        `_watch`): from a daemon thread, until the returned watch's `close()`."""
-        return start_watch(self.name, notify)
+    def watch(self, notify: Callable[[HostEvent], None]) -> "_Watches":
+        """Report changes to our devices in the host namespace (see `_watch`) and to our
+        nftables tables (see `_nftwatch`) as they happen: from daemon threads, until the
+        returned watch's `close()`."""
+        links = start_watch(self.name, notify)
+        try:
+            rules = NftWatch(self.name, self.table, notify, self.nft.program).start()
+        except BaseException:
+            links.close()
+            raise
+        return _Watches((links, rules))
 
     def vlan_supported(self) -> bool:
         if self._vlan is None:
@@ -214,3 +222,14 @@ class NetlinkDriver:
             self.nft.delete_table(_nft.INET, self.table)
             self.nft.delete_table(_nft.BRIDGE, self.table)
 
+
+
+class _Watches:
+    """Several watches closed as one."""
+
+    def __init__(self, watches: tuple[NetlinkWatch | NftWatch, ...]):
+        self.watches = watches
+
+    def close(self) -> None:
+        for w in self.watches:
+            w.close()
