@@ -180,6 +180,12 @@ def test_a_folder_applied_edited_and_drift_healed_from_host_events() -> None:
                            what=f"the guest's tap on {bridge}")
             first = daemon_facts(env)["appliedRevision"]
             assert first.startswith("sha256:")
+            # what the daemon starts (dnsmasq, nft monitor) can be stopped with SIGTERM:
+            # the daemon's own signal handling must not leave those signals blocked in them
+            children = _children(daemon.proc.pid)
+            assert children, "the daemon has no child process (nft monitor?)"
+            for pid in children:
+                assert not _blocked(pid) & (1 << (signal.SIGTERM - 1)), f"SIGTERM blocked in child {pid}"
 
             # an edit: the bridge follows
             write(manifest, cloud(t, cidr, mtu=1400))
@@ -232,6 +238,20 @@ def test_a_folder_applied_edited_and_drift_healed_from_host_events() -> None:
         rows = status_json(env)
         assert {r["state"] for r in rows.values()} == {"ready"}, rows
         assert all(r["revision"] for r in rows.values()), rows
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _blocked(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigBlk in /proc/{pid}/status")
 
 
 def _rules(env: NetEnv) -> list[str]:

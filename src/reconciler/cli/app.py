@@ -407,7 +407,7 @@ def daemon(
 
     def body() -> int:
         from reconciler.daemon import Backoff, Daemon, DaemonOptions, FolderSource, GitSource, MetricsServer
-        from reconciler.daemon._process import block_signals, serve
+        from reconciler.daemon._process import catch_signals, serve
 
         if (source is None) == (git is None):
             raise ConfigError("give exactly one of --source DIR or --git URL")
@@ -415,7 +415,7 @@ def daemon(
                                 backoff=Backoff(1.0, _duration(backoff_cap, "--backoff-cap")),
                                 parallelism=parallelism)
         metrics_at = None if metrics_address.strip().lower() == "off" else _address(metrics_address)
-        block_signals()  # before any thread starts
+        catch_signals()  # before anything slow: an early SIGHUP must not kill the process
         config = load_host_config(state.host_config)
         lock = HostLock(config.stateDir, 0, what="daemon", name="daemon.lock")
         try:

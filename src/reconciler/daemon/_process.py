@@ -1,15 +1,21 @@
 """The daemon as a process: signals, the loop's thread, the metrics server.
 
-Signals are taken synchronously by the main thread (`sigwait`), after being blocked
-before any other thread starts, so no handler ever runs inside a lock: SIGTERM and
-SIGINT stop (changes in flight finish and are recorded), SIGHUP reloads the host
-config, SIGUSR1 (sent by `reconciler suspend/resume`) re-reads the suspensions.
+Signal handlers only pass the request on (no I/O): SIGTERM and SIGINT stop (changes in
+flight finish and are recorded), SIGHUP reloads the host config, SIGUSR1 (sent by
+`reconciler suspend/resume`) re-reads the suspensions. Python runs handlers in the main
+thread, which does nothing but wait for the loop's thread, so a handler never runs
+inside a lock it would need.
+
+Signals are not blocked (`pthread_sigmask`) to be taken with `sigwait`: a blocked mask
+is inherited by every process the drivers start (dnsmasq, nft, ip), which then could
+not be stopped with SIGTERM.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from types import FrameType
 from typing import Callable
 
 import structlog
@@ -19,13 +25,34 @@ from reconciler.daemon._metrics import MetricsServer
 
 log = structlog.get_logger("reconciler.daemon")
 
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+_pending: list[int] = []
+_target: list[Daemon] = []
 
 
-def block_signals() -> None:
-    """Call first, before any thread starts: threads inherit the mask, so the signals
-    reach only `serve`'s sigwait."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+def catch_signals() -> None:
+    """Call first: signals that come before the daemon exists (while it is built) are
+    kept and passed on when it serves, instead of killing the process (SIGHUP's default)."""
+    for sig in SIGNALS:
+        signal.signal(sig, _handler)
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    if _target:
+        _dispatch(_target[0], signum)
+    else:
+        _pending.append(signum)
+
+
+def _dispatch(daemon: Daemon, signum: int) -> None:
+    if signum in (signal.SIGTERM, signal.SIGINT):
+        log.info("stopping", signal=signal.Signals(signum).name)
+        daemon.request_stop()
+    elif signum == signal.SIGHUP:
+        daemon.request_reload()
+    elif signum == signal.SIGUSR1:
+        daemon.request_refresh()
 
 
 def serve(daemon: Daemon, server: MetricsServer | None = None,
@@ -40,6 +67,10 @@ def serve(daemon: Daemon, server: MetricsServer | None = None,
             failure.append(exc)
             log.exception("the daemon loop failed")
 
+    _target[:] = [daemon]
+    for signum in _pending:
+        _dispatch(daemon, signum)
+    _pending.clear()
     if server is not None:
         server.start()
         daemon.journal.set_daemon(metricsUrl=server.url)
@@ -49,19 +80,9 @@ def serve(daemon: Daemon, server: MetricsServer | None = None,
         on_ready()
     try:
         while thread.is_alive():
-            info = signal.sigtimedwait(SIGNALS, 1.0)
-            if info is None:
-                continue
-            sig = info.si_signo
-            if sig in (signal.SIGTERM, signal.SIGINT):
-                log.info("stopping", signal=signal.Signals(sig).name)
-                daemon.request_stop()
-            elif sig == signal.SIGHUP:
-                daemon.request_reload()
-            elif sig == signal.SIGUSR1:
-                daemon.request_refresh()
-        thread.join()
+            thread.join(0.5)  # signal handlers run here, in the main thread
     finally:
+        _target.clear()
         if server is not None:
             server.close()
             daemon.journal.set_daemon(metricsUrl=None)
