@@ -533,3 +533,23 @@ def test_a_reload_that_moves_the_state_directory_is_refused(tmp_path, cloud):
     event = daemon.journal.events()[0]
     assert event["reason"] == "HostConfigInvalid" and "stateDir changed" in event["message"]
     assert daemon.controller.config.stateDir == tmp_path / "state"
+
+
+def test_health_says_unhealthy_when_a_pass_is_stuck(tmp_path, cloud):
+    daemon, clock, driver = make_daemon(tmp_path, cloud, stuck_pass_s=100)
+    seen = []
+    original = driver.create
+
+    def slow(target):  # a driver call that hangs for 101 s of the fake clock
+        seen.append(daemon.health())
+        clock.advance(101)
+        seen.append(daemon.health())
+        driver.create = original  # type: ignore[method-assign]
+        return original(target)
+
+    driver.create = slow  # type: ignore[method-assign]
+    daemon.step()
+    (ok_before, facts_before), (ok_after, facts_after) = seen
+    assert ok_before and facts_before["inPass"]
+    assert not ok_after and facts_after["passSeconds"] >= 101
+    assert daemon.health()[0]  # the pass ended

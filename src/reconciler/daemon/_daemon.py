@@ -75,6 +75,8 @@ class DaemonOptions:
     heartbeat_s: float = 30.0
     #: a source that cannot be read is tried again after this long (doubling, capped)
     source_retry_s: float = 2.0
+    #: a pass running longer than this makes /healthz say unhealthy (a stuck driver call)
+    stuck_pass_s: float = 3600.0
 
 
 @dataclass(slots=True)
@@ -250,12 +252,17 @@ class Daemon:
     def health(self) -> tuple[bool, dict[str, object]]:
         """For /healthz: the loop is alive (it beat recently, or is in a pass)."""
         now = self.clock.now()
-        in_pass = self._in_pass_since is not None
-        alive = in_pass or now - self._heartbeat <= 4 * self.options.heartbeat_s
+        since = self._in_pass_since
+        pass_s = None if since is None else now - since
+        if pass_s is not None:
+            alive = pass_s <= self.options.stuck_pass_s
+        else:
+            alive = now - self._heartbeat <= 4 * self.options.heartbeat_s
         return alive and not self._stop.is_set(), {
             "revision": self.current.snapshot.revision if self.current else None,
             "queueDepth": self._depth(),
-            "inPass": in_pass,
+            "inPass": pass_s is not None,
+            "passSeconds": None if pass_s is None else round(pass_s, 3),
             "secondsSinceHeartbeat": round(now - self._heartbeat, 3),
         }
 
