@@ -121,6 +121,11 @@ def test_the_daemon_applies_serves_metrics_obeys_suspend_and_stops_on_sigterm(si
         assert code == 200 and json.loads(body)["status"] == "ok"
         assert get(url + "/nothing")[0] == 404
 
+        # a manual apply is told that the daemon will take the host back
+        manual = cli(site, "apply", "--yes", str(site["folder"]))
+        assert manual.returncode == 0, manual
+        assert f"a reconciler daemon (pid {proc.pid}) runs on this state directory" in manual.stderr
+
         # a second daemon on the same state directory is refused
         second = cli(site, "daemon", "--source", str(site["folder"]), "--metrics-address", "off")
         assert second.returncode == 1 and "another reconciler daemon runs" in second.stderr

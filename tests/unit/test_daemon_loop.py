@@ -553,3 +553,14 @@ def test_health_says_unhealthy_when_a_pass_is_stuck(tmp_path, cloud):
     assert ok_before and facts_before["inPass"]
     assert not ok_after and facts_after["passSeconds"] >= 101
     assert daemon.health()[0]  # the pass ended
+
+
+def test_a_host_event_about_a_name_not_ours_makes_no_pass(tmp_path, cloud):
+    """Other installations' objects carry our prefix too (their tests, their daemons)."""
+    daemon, clock, driver = make_daemon(tmp_path, cloud)
+    daemon.step()
+    daemon.host_event(HostEvent("memory", "rc-0123456789", "link changed"))
+    daemon.step()
+    clock.advance(1)
+    assert daemon.step() is None
+    assert daemon.metrics.host_events.labels("memory")._value.get() == 1

@@ -24,6 +24,7 @@ from reconciler.cli.render import (
     render_problems,
     render_result,
     render_status,
+    short_revision,
 )
 from reconciler.controller import Controller, StatusRow
 from reconciler.errors import ConfigError, LockTimeout, ReconcilerError, ValidationFailed
@@ -197,6 +198,7 @@ def _plan_and_apply(controller: Controller, paths: list[Path], *, destroy: bool,
     """Under the host lock: plan, show it, ask, apply. Exit code."""
     command = "destroy" if destroy else "apply"
     desired = controller.load(paths)
+    _warn_if_daemon(controller.journal, command)
     with controller.lock(command, lock_timeout):
         the_plan = controller.plan(desired, destroy=destroy)
         render_plan(out, the_plan)
@@ -510,6 +512,18 @@ def resume(
         return 0
 
     _run(body)
+
+
+def _warn_if_daemon(journal: Journal, command: str) -> None:
+    """A daemon on this state directory takes the host back to its own revision: say so
+    before a manual apply or destroy (unless everything is suspended)."""
+    info = journal.daemon()
+    if not _daemon_running(info) or "*" in journal.suspensions():
+        return
+    err.print(f"Warning: a reconciler daemon (pid {info.get('pid')}) runs on this state directory "
+              f"({info.get('source', '?')}): its next pass takes the host back to its revision "
+              f"{short_revision(info.get('appliedRevision'))}, undoing this {command}. "
+              "Run `reconciler suspend` first to keep the result.", soft_wrap=True)
 
 
 def _daemon_running(info: dict[str, Any]) -> bool:

@@ -150,7 +150,6 @@ class Daemon:
         self._watches: list[Watch] = []
         self._suspended: dict[str, str] = self.journal.suspensions()
         self._names: dict[str, set[Key]] = {}
-        self._kinds_of_driver: dict[str, set[str]] = {}
         self._known: set[Key] = set()
         self._seen_hash: dict[Key, str] = {}
         self._drifted: set[Key] = set()
@@ -353,8 +352,14 @@ class Daemon:
         if event.subject == "*":
             keys = self._all_keys()
         else:
-            keys = self._names.get(event.subject) or {
-                k for k in self._all_keys() if k.kind in self._kinds_of_driver.get(event.driver, ())}
+            # a name the last observation and the manifests do not know is not ours:
+            # another installation's object (its tests, its daemon) or, for our own
+            # devices without an index entry (a tap, a DHCP or router leg), the event
+            # of its bridge ("port removed") names the resource
+            keys = self._names.get(event.subject, set())
+        if not keys:
+            log.debug("host event not ours", driver=event.driver, subject=event.subject, what=event.what)
+            return
         log.info("host event", driver=event.driver, subject=event.subject, what=event.what,
                  resources=len(keys))
         self.queue.add_all(keys, after=self.options.event_delay_s)
@@ -363,7 +368,6 @@ class Daemon:
         if not self.watch_host:
             return
         for drv in {id(d): d for d in self.controller.drivers.values()}.values():
-            self._kinds_of_driver[drv.name] = set(drv.kinds)
             if isinstance(drv, Watching):
                 try:
                     self._watches.append(drv.watch(self.host_event))
