@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import ipaddress
 import json
 import os
@@ -69,7 +68,10 @@ from typing import Any
 import yaml
 
 from benchmarks import _section
-from benchmarks._section import ENV, log, run
+from benchmarks._section import (
+    ENV, EnvPaths, Interference, home_of,
+    log, processes_mentioning, remove_host_objects, run,
+)
 
 from reconciler.models import Key
 from reconciler.naming import host_name, tap_name
@@ -146,19 +148,6 @@ def free_subnets(count: int) -> list[ipaddress.IPv4Network]:
     raise RuntimeError(f"no {count} free {SUBNET_BASE}.X.0/24 subnets on this host")
 
 
-def processes_mentioning(text: str) -> dict[int, str]:
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if text in cmd and state not in ("Z", "X"):
-            found[int(entry)] = cmd.strip()
-    return found
 
 
 def doc(kind: str, tenant: str | None, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -199,7 +188,7 @@ def swift_containers(account: str, purge: bool = False) -> list[str]:
 
 
 @dataclass
-class Env:
+class Env(EnvPaths):
     id: str
     root: Path
     drivers: dict[str, str]
@@ -219,23 +208,6 @@ class Env:
         env.host_config.write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
         return env
 
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def host_config(self) -> Path:
-        return self.root / "host.yaml"
-
-    @property
-    def manifests(self) -> Path:
-        return self.root / "manifests"
-
-    @property
-    def home(self) -> str:
-        """The netlink driver's installation id: sha256 of the resolved state dir, 8 hex."""
-        return hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:8]
-
     def record(self, **info: Any) -> None:
         """What a later sweep needs (manifests folder, accounts), written before it exists."""
         path = self.root / "env.json"
@@ -243,25 +215,13 @@ class Env:
         data.update(info)
         path.write_text(json.dumps(data, indent=2) + "\n")
 
-    def cli(self, *args: str, timeout: float = 1800) -> tuple[float, subprocess.CompletedProcess[str]]:
-        env = {k: v for k, v in ENV.items() if k != "RECONCILER_FAULTS"}
-        env.update({"RECONCILER_HOST_CONFIG": str(self.host_config), "RECONCILER_LOG_LEVEL": "warning",
-                    "NO_COLOR": "1", "COLUMNS": "250", "TERM": "dumb"})
-        started = time.perf_counter()
-        result = subprocess.run([str(RECONCILER), *args], capture_output=True, text=True, timeout=timeout,
-                                env=env, stdin=subprocess.DEVNULL)
-        elapsed = time.perf_counter() - started
-        if result.returncode != 0 or "Traceback" in result.stdout + result.stderr:
-            raise RuntimeError(f"reconciler {' '.join(args)} exited {result.returncode}\n--- stdout\n"
-                               f"{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}")
-        return elapsed, result
 
 
 def leftovers_of(root: Path) -> list[tuple[str, str]]:
     """(what, name) of everything of one environment still on the host."""
     env_id = root.name
     state = root / "state"
-    home = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:8]
+    home = home_of(state)
     info = json.loads((root / "env.json").read_text()) if (root / "env.json").exists() else {}
     found: list[tuple[str, str]] = []
     try:
@@ -333,18 +293,7 @@ def sweep_root(root: Path) -> list[str]:
     if domains:
         with ThreadPoolExecutor(max_workers=len(domains)) as pool:
             list(pool.map(_remove_domain, domains))
-    for what, name in left:
-        if what == "link":
-            run("ip", "link", "del", "dev", name, check=False)
-        elif what == "namespace":
-            run("ip", "netns", "del", name, check=False)
-        elif what == "nft table":
-            run("nft", "delete", "table", *name.split(), check=False)
-        elif what == "process":
-            try:
-                os.kill(int(name.split()[0]), signal.SIGKILL)  # a dnsmasq of this environment
-            except ProcessLookupError:
-                pass
+    remove_host_objects(left)
     for account in info.get("accounts", []):
         try:
             swift_containers(account, purge=True)
@@ -625,32 +574,11 @@ def domstate(name: str) -> str:
 # --- interference ------------------------------------------------------------------------------
 
 
-class Watch:
-    def __init__(self) -> None:
-        self.others: set[str] = set()
-        self.load: list[float] = []
-
-    def sample(self) -> None:
-        self.load.append(os.getloadavg()[0])
-        me = os.getpid()
-        for pid, cmd in processes_mentioning("").items():
-            if pid == me:
-                continue
-            if "pytest" in cmd:
-                self.others.add("pytest")
-            elif "benchmarks." in cmd and "benchmarks.daemon" not in cmd:
-                self.others.add("another benchmark")
-            elif "reconciler" in cmd and " daemon " in cmd and str(BENCH_ROOT / PREFIX) not in cmd:
-                self.others.add("another reconciler daemon")
-            elif ".venv/bin/reconciler" in cmd and str(BENCH_ROOT / PREFIX) not in cmd:
-                self.others.add("another reconciler command")
-
-
-WATCH = Watch()
+WATCH = Interference("benchmarks.daemon", str(BENCH_ROOT / PREFIX))
 
 
 def others_running() -> set[str]:
-    watch = Watch()
+    watch = Interference("benchmarks.daemon", str(BENCH_ROOT / PREFIX))
     watch.sample()
     return watch.others
 
@@ -1398,18 +1326,15 @@ def report(results: Mapping[str, Any], args: argparse.Namespace, command: str, e
         h = i["heals"]
         obs = [o for x in h for o in x["observe_s"] if o is not None]
         first = [x["first_event"] for x in h if x["first_event"]]
-        lv = [x["libvirt_event"] for x in h if x.get("libvirt_event")]
         notes.append(
             f"- `virsh destroy` takes {_s(_stats([x['destroy_s'] for x in h])[0])} here (libvirt waits for PID 1 to reap "
-            "QEMU). The daemon took its first host event about it "
-            + (f"{_s(statistics.median(x[0] for x in first))} after the destroy started (the netlink "
-               f"watcher's {sorted({x[2] for x in first})} of the domain's tap)" if first else "(none seen)")
-            + (f"; libvirt's own event ({sorted({x[1] for x in lv})}) only "
-               f"{_s(statistics.median(x[0] for x in lv))} after (the loop takes events between passes). "
-               if lv else ". ")
-            + "The pass the tap event starts waits for libvirt while the destroy is still running (observe times in the "
-            f"passes: {', '.join(_s(o) for o in obs[:12])}), so the heal effectively starts when the destroy "
-            f"is done. Passes per heal: {[x['passes'] for x in h]}. Drift messages: "
+            "QEMU). Host events are logged when the loop takes them, between passes: the first one logged, "
+            + (f"{sorted({str(x[2]) for x in first})}, {_s(statistics.median(x[0] for x in first))} after the "
+               "destroy started. " if first else "none. ")
+            + "A pass that starts while the destroy still runs (set off by the guest's port leaving its bridge) "
+            "waits for libvirt in its observe (observe times in the passes: "
+            f"{', '.join(_s(o) for o in obs[:12])}), so the heal effectively starts when the "
+            f"destroy is done. Passes per heal: {[x['passes'] for x in h]}. Drift messages: "
             f"{sorted({x['message'] for x in h if x['message']})}.")
     if f:
         h = f["bridge_heals"]

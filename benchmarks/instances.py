@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _section
-from benchmarks._section import log, run
+from benchmarks._section import EnvPaths, log, run
 
 from reconciler.models import Key
 from reconciler.naming import host_name
@@ -129,7 +129,7 @@ class Vm:
 
 
 @dataclass
-class Env:
+class Env(EnvPaths):
     tenant: str
     root: Path
     subnets: dict[str, ipaddress.IPv4Network] = field(default_factory=dict)
@@ -153,18 +153,6 @@ class Env:
         for net, subnet in zip(NETWORKS, _free_subnets(len(NETWORKS))):
             env.add_bridge(net, subnet)
         return env
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def host_config(self) -> Path:
-        return self.root / "host.yaml"
-
-    @property
-    def manifests(self) -> Path:
-        return self.root / "manifests"
 
     def add_bridge(self, network: str, subnet: ipaddress.IPv4Network) -> None:
         name = host_name(Key("Network", self.tenant, network))
@@ -205,20 +193,6 @@ class Env:
         path = self.manifests / "cloud.yaml"
         path.write_text("---\n".join(docs))
         return path
-
-    def cli(self, *args: str, log_level: str = "warning", timeout: float = 900) -> tuple[float, subprocess.CompletedProcess[str]]:
-        """(wall seconds, result) of one reconciler command run as a subprocess."""
-        env = {k: v for k, v in os.environ.items() if k != "RECONCILER_FAULTS"}
-        env.update({"RECONCILER_HOST_CONFIG": str(self.host_config), "RECONCILER_LOG_LEVEL": log_level,
-                    "NO_COLOR": "1", "COLUMNS": "250", "TERM": "dumb"})
-        started = time.perf_counter()
-        result = subprocess.run([str(RECONCILER), *args], capture_output=True, text=True, timeout=timeout,
-                                env=env, stdin=subprocess.DEVNULL)
-        elapsed = time.perf_counter() - started
-        if result.returncode != 0 or "Traceback" in result.stdout + result.stderr:
-            raise RuntimeError(f"reconciler {' '.join(args)} exited {result.returncode}\n--- stdout\n"
-                               f"{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}")
-        return elapsed, result
 
     def domain_name(self, vm: Vm) -> str:
         return host_name(Key("Instance", self.tenant, vm.name))

@@ -35,14 +35,12 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import hashlib
 import json
 import os
 import secrets
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -51,11 +49,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _section
-from benchmarks._section import log, run
+from benchmarks._section import (
+    EnvPaths, Interference, home_of, log,
+    processes_mentioning, remove_host_objects, run,
+)
 
 from reconciler.models import Key
 from reconciler.naming import host_name
-from reconciler.procs import is_alive
 
 REPO = Path(__file__).resolve().parent.parent
 RECONCILER = REPO / ".venv" / "bin" / "reconciler"
@@ -67,18 +67,6 @@ END = "<!-- networks:end -->"
 TOOLS = ("ip", "nft", "dnsmasq")
 
 
-def processes_mentioning(text: str) -> dict[int, str]:
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd and is_alive(int(entry)):
-            found[int(entry)] = cmd.strip()
-    return found
 
 
 def _make_dir(path: Path) -> None:
@@ -90,7 +78,7 @@ def _make_dir(path: Path) -> None:
 
 
 @dataclass
-class Env:
+class Env(EnvPaths):
     tenant: str
     root: Path
 
@@ -106,19 +94,6 @@ class Env:
         drivers.update(Network="netlink", Router="netlink", SecurityGroup="netlink")
         env.host_config.write_text(json.dumps({"stateDir": str(env.state_dir), "drivers": drivers}, indent=2) + "\n")
         return env
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def host_config(self) -> Path:
-        return self.root / "host.yaml"
-
-    @property
-    def home(self) -> str:
-        """The netlink driver's installation id: sha256 of the resolved state dir, 8 hex."""
-        return hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:8]
 
     def network_names(self, count: int) -> list[str]:
         return [f"net-{i:03d}" for i in range(count)]
@@ -136,20 +111,6 @@ class Env:
         path.write_text("---\n".join(docs))
         return path
 
-    def cli(self, *args: str, timeout: float = 1800) -> tuple[float, subprocess.CompletedProcess[str]]:
-        """(wall seconds, result) of one reconciler command; raises unless it exits 0."""
-        env = {k: v for k, v in os.environ.items() if k != "RECONCILER_FAULTS"}
-        env.update({"RECONCILER_HOST_CONFIG": str(self.host_config), "RECONCILER_LOG_LEVEL": "warning",
-                    "NO_COLOR": "1", "COLUMNS": "250", "TERM": "dumb"})
-        started = time.perf_counter()
-        result = subprocess.run([str(RECONCILER), *args], capture_output=True, text=True, timeout=timeout,
-                                env=env, stdin=subprocess.DEVNULL)
-        elapsed = time.perf_counter() - started
-        if result.returncode != 0 or "Traceback" in result.stdout + result.stderr:
-            raise RuntimeError(f"reconciler {' '.join(args)} exited {result.returncode}\n--- stdout\n"
-                               f"{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}")
-        return elapsed, result
-
     def bridges(self, count: int) -> list[str]:
         return [host_name(Key("Network", self.tenant, n)) for n in self.network_names(count)]
 
@@ -166,7 +127,7 @@ class Env:
 
 def leftovers_of(root: Path, tenant: str) -> list[tuple[str, str]]:
     state = root / "state"
-    home = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:8]
+    home = home_of(state)
     names_file = root / "networks.txt"
     networks = names_file.read_text().split() if names_file.exists() else []
     hashes = {host_name(Key("Network", tenant, n))[3:] for n in networks}
@@ -194,18 +155,7 @@ def sweep_root(root: Path, tenant: str) -> list[str]:
     """Remove what is left of one environment (by its home and network names), then its
     state dir; what could not be removed."""
     left = leftovers_of(root, tenant) if root.exists() else []
-    for what, name in left:
-        if what == "link":
-            run("ip", "link", "del", "dev", name, check=False)
-        elif what == "namespace":
-            run("ip", "netns", "del", name, check=False)
-        elif what == "nft table":
-            run("nft", "delete", "table", *name.split(), check=False)
-        elif what == "process":
-            try:
-                os.kill(int(name), signal.SIGKILL)  # a dnsmasq of this environment's state dir
-            except ProcessLookupError:
-                pass
+    remove_host_objects(left)
     problems = []
     if left:
         time.sleep(0.5)
@@ -227,32 +177,7 @@ def sweep_all() -> list[str]:
 # --- interference ------------------------------------------------------------------------------
 
 
-class Watch:
-    """Other work on the host while the benchmark runs: test runs and reconciler commands
-    of others, and the load average."""
-
-    def __init__(self) -> None:
-        self.others: set[str] = set()
-        self.load: list[float] = []
-
-    def sample(self) -> None:
-        self.load.append(os.getloadavg()[0])
-        me = os.getpid()
-        for pid, cmd in processes_mentioning("").items():
-            if pid == me:
-                continue
-            if "pytest" in cmd:
-                self.others.add("pytest")
-            elif "benchmarks." in cmd and "benchmarks.networks" not in cmd:
-                self.others.add("another benchmark")
-            elif ".venv/bin/reconciler" in cmd and PREFIX not in cmd:
-                self.others.add("another reconciler command")
-
-
-WATCH = Watch()
-
-
-# --- the scenarios ---------------------------------------------------------------------------
+WATCH = Interference("benchmarks.networks", PREFIX)
 
 
 def _check_clean(env: Env, what: str) -> None:
