@@ -4,9 +4,11 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_CONFIG := hostconfig/demo-memory.yaml
+DEMO_CONFIG := hostconfig/demo.yaml
+DEMO_STATE := /var/lib/reconciler/demo
+DEMO_MEMORY_CONFIG := hostconfig/demo-memory.yaml
 
-.PHONY: setup services test test-fast lint-imports schemas docs demo demo-clean bench clean
+.PHONY: setup services test test-fast lint-imports schemas docs demo demo-clean demo-memory demo-memory-clean bench clean
 
 setup: $(STAMP)
 
@@ -35,21 +37,37 @@ schemas: setup
 docs: schemas
 	$(PY) -m reconciler.docgen docs/manifests.md
 
-## Apply the example cloud (on the in-memory drivers until the real drivers land).
-demo: setup
-	@echo "NOTE: the real host drivers are not in this version yet; the demo applies manifests/ on the in-memory drivers (state in .demo-state/)."
+## The example cloud of manifests/ on this host's real drivers (root): installs and starts
+## what it needs (`services`), applies, proves every guest got its address and answers,
+## and prints the status. A second run changes nothing. `make demo-clean` removes it all.
+demo: services
+	@if [ "$$(id -u)" != 0 ]; then echo "make demo drives libvirt, netlink and nftables: run it as root (or try 'make demo-memory')"; exit 1; fi
+	@mkdir -p -m 0755 $(DEMO_STATE) $(DEMO_STATE)/volumes
 	RECONCILER_HOST_CONFIG=$(DEMO_CONFIG) $(VENV)/bin/reconciler validate manifests
+	RECONCILER_HOST_CONFIG=$(DEMO_CONFIG) $(VENV)/bin/reconciler plan manifests
 	RECONCILER_HOST_CONFIG=$(DEMO_CONFIG) $(VENV)/bin/reconciler apply manifests --yes
+	@echo; echo "Waiting for the guests to boot, lease their addresses and answer..."
+	$(PY) scripts/demo_check.py $(DEMO_CONFIG)
+	@echo
 	RECONCILER_HOST_CONFIG=$(DEMO_CONFIG) $(VENV)/bin/reconciler status
 	@echo
 	@echo "Try next:"
 	@echo "  export RECONCILER_HOST_CONFIG=$(DEMO_CONFIG)"
 	@echo "  edit manifests/globex/cloud.yaml (e.g. mtu: 1300), then: $(VENV)/bin/reconciler plan manifests"
+	@echo "  $(VENV)/bin/reconciler daemon --source manifests     (then: virsh destroy <a domain above>, and watch it come back)"
 	@echo "  $(VENV)/bin/reconciler graph manifests --format mermaid"
-	@echo "  $(VENV)/bin/reconciler destroy manifests --yes    (or: make demo-clean)"
+	@echo "  make demo-clean     (removes everything the demo made, volumes and buckets included)"
 
 demo-clean: setup
-	RECONCILER_HOST_CONFIG=$(DEMO_CONFIG) $(VENV)/bin/reconciler destroy manifests --yes
+	$(PY) scripts/demo_clean.py $(DEMO_CONFIG) manifests
+
+## The same on the in-memory drivers (no root, nothing on the host; state in .demo-state/).
+demo-memory: setup
+	RECONCILER_HOST_CONFIG=$(DEMO_MEMORY_CONFIG) $(VENV)/bin/reconciler apply manifests --yes
+	RECONCILER_HOST_CONFIG=$(DEMO_MEMORY_CONFIG) $(VENV)/bin/reconciler status
+
+demo-memory-clean: setup
+	RECONCILER_HOST_CONFIG=$(DEMO_MEMORY_CONFIG) $(VENV)/bin/reconciler destroy manifests --yes
 	rm -rf .demo-state
 
 ## Planner benchmark on generated clouds; writes docs/benchmarks.md. Then the instances
