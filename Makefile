@@ -80,6 +80,7 @@ bench: setup
 	$(PY) -m benchmarks.volumes --write docs/benchmarks.md
 	$(PY) -m benchmarks.buckets --write docs/benchmarks.md
 	$(PY) -m benchmarks.daemon --repeat 5 --write docs/benchmarks.md
+	$(PY) -m benchmarks.kcli --repeat 3 --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

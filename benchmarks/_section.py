@@ -19,6 +19,10 @@ RECONCILER = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "reconciler
 ENV = {**os.environ, "PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin", "LC_ALL": "C"}
 
 
+URI = "qemu:///system"
+VIRSH = ["virsh", "-q", "-c", URI]
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -170,3 +174,22 @@ def remove_host_objects(left: Sequence[tuple[str, str]]) -> None:
                 os.kill(int(name.split()[0]), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(*VIRSH, *args, check=check)
+
+
+def domain_names(running_only: bool = False) -> set[str]:
+    args = ("list", "--name") if running_only else ("list", "--all", "--name")
+    return {n for n in virsh(*args).stdout.split() if n}
+
+
+def domain_titles() -> dict[str, str]:
+    """Every domain on the host: name -> title ('' when none)."""
+    titles = {}
+    for name in sorted(domain_names()):
+        result = virsh("desc", "--title", name, check=False)
+        if result.returncode == 0:  # else: undefined meanwhile
+            titles[name] = result.stdout.strip()
+    return titles

@@ -69,8 +69,8 @@ import yaml
 
 from benchmarks import _section
 from benchmarks._section import (
-    ENV, EnvPaths, Interference, home_of,
-    log, processes_mentioning, remove_host_objects, run,
+    ENV, URI, VIRSH, EnvPaths, Interference, domain_titles, home_of, log, processes_mentioning,
+    remove_host_objects, run, virsh,
 )
 
 from reconciler.models import Key
@@ -84,8 +84,6 @@ PREFIX = "rcbd"  # not rcbench / rcbnet: the other benchmarks sweep those
 SUBNET_BASE = "10.247"  # 10.247.X.0/24 per network (tests 10.249/251/253/254, benchmarks 10.250/252)
 #: the example cloud's address blocks, moved off the shared 10.10/10.20/10.250
 EXAMPLE_REMAP = {"10.10.": "10.246.", "10.20.": "10.245.", "10.250.": "10.244."}
-URI = "qemu:///system"
-VIRSH = ["virsh", "-q", "-c", URI]
 PROXY = "http://127.0.0.1:8080"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: where to copy the daemons' logs before their environment is removed (--keep-logs)
@@ -117,19 +115,6 @@ def _epoch(iso: str) -> float:
     return _dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run(*VIRSH, *args, check=check)
-
-
-def domain_titles() -> dict[str, str]:
-    titles = {}
-    for name in virsh("list", "--all", "--name").stdout.split():
-        result = virsh("desc", "--title", name, check=False)
-        if result.returncode == 0:
-            titles[name] = result.stdout.strip()
-    return titles
-
-
 def used_prefixes() -> str:
     """Every IPv4 address and route on the host, as text to search."""
     return run("ip", "-4", "-o", "addr", "show").stdout + "\n" + run("ip", "-4", "route", "show").stdout
@@ -146,8 +131,6 @@ def free_subnets(count: int) -> list[ipaddress.IPv4Network]:
         if len(found) == count:
             return found
     raise RuntimeError(f"no {count} free {SUBNET_BASE}.X.0/24 subnets on this host")
-
-
 
 
 def doc(kind: str, tenant: str | None, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,7 +197,6 @@ class Env(EnvPaths):
         data = json.loads(path.read_text()) if path.exists() else {}
         data.update(info)
         path.write_text(json.dumps(data, indent=2) + "\n")
-
 
 
 def leftovers_of(root: Path) -> list[tuple[str, str]]:

@@ -50,7 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _section
-from benchmarks._section import EnvPaths, log, run
+from benchmarks._section import (
+    URI, EnvPaths, domain_names, domain_titles, log, run, virsh,
+)
 
 from reconciler.models import Key
 from reconciler.naming import host_name
@@ -60,8 +62,6 @@ RECONCILER = REPO / ".venv" / "bin" / "reconciler"
 IMAGE = Path(os.environ.get("RECONCILER_TEST_IMAGE", "/var/lib/reconciler/images/tiny.qcow2"))
 BENCH_ROOT = Path("/var/lib/reconciler/bench")
 PREFIX = "rcbench"
-URI = "qemu:///system"
-VIRSH = ["virsh", "-q", "-c", URI]
 SUBNET_BASE = "10.252"  # 10.252.X.0/24 per bridge; the integration tests use 10.253
 NETWORKS = ("net-a", "net-b")
 MEMORY_MIB = 128
@@ -70,33 +70,6 @@ POLL_INTERVAL_S = 0.2
 POLL_ATTEMPT_TIMEOUT_S = 1.0
 BEGIN = "<!-- instances:begin -->"
 END = "<!-- instances:end -->"
-
-#: measured elsewhere (a machine of this kind, /work/shared/HOST-NOTES.md), never here
-KCLI = {
-    "create_seq": 8.7, "create_par": 5.3, "create_lvpy8": 2.7,
-    "http_seq": 28.4, "http_par": 25.0, "http_lvpy8": 25.0,
-    "noop_kcli": 0.26, "noop_lvpy": 0.065,
-    "delete_kcli": 19.7, "delete_lvpy": 4.0,
-}
-
-
-def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run(*VIRSH, *args, check=check)
-
-
-def domain_names(running_only: bool = False) -> set[str]:
-    args = ("list", "--name") if running_only else ("list", "--all", "--name")
-    return {n for n in virsh(*args).stdout.split() if n}
-
-
-def domain_titles() -> dict[str, str]:
-    """Every domain on the host: name -> title ('' when none)."""
-    titles = {}
-    for name in sorted(domain_names()):
-        result = virsh("desc", "--title", name, check=False)
-        if result.returncode == 0:  # else: undefined meanwhile
-            titles[name] = result.stdout.strip()
-    return titles
 
 
 def _make_dir(path: Path) -> None:
@@ -570,44 +543,19 @@ def report(results: dict[str, list[dict[str, Any]]], repeat: int, count: int, de
         f"({defined} domains, the image, the tenant and the networks) and planned no change.",
         "",
     ]
-    lines += ["### Against kcli (measured there, not here)", "", _kcli_paragraph(s1, s8, d, count, defined), ""]
+    lines += ["### Against kcli", "", _kcli_paragraph(), ""]
     lines += ["### Notes", ""] + _notes(results, count, failures) + ["", END]
     return "\n".join(lines) + "\n"
 
 
-def _kcli_paragraph(s1: list[dict[str, Any]], s8: list[dict[str, Any]], d: list[dict[str, Any]],
-                    count: int, defined: int) -> str:
-    a1 = statistics.median(r["apply"] for r in s1)
-    a8 = statistics.median(r["apply"] for r in s8)
-    h1 = statistics.median(r["http_all"] for r in s1)
-    h8 = statistics.median(r["http_all"] for r in s8)
-    x1 = statistics.median(r["destroy"] for r in s1)
-    x8 = statistics.median(r["destroy"] for r in s8)
-    plan = statistics.median(r["plan"] for r in d)
-    observe = statistics.median(r["observe"] for r in d if r.get("observe") is not None)
-    startup = statistics.median(r["startup"] for r in d)
-    gap = (f", so start-up is most of it and observing {defined} domains is not"
-           if startup > plan / 2 and observe < startup else "")
-    k = KCLI
+def _kcli_paragraph() -> str:
     return (
-        "The host notes (`HOST-NOTES.md`) record kcli and plain libvirt-python on the same kind of "
-        "machine with nearly the same workload (10 guests of this image, 128 MiB, 5 on each of two "
-        "bridges; theirs also had a 1 GiB data disk each, ours none, as volumes are still in memory). "
-        "Those figures were measured there, not in this run. "
-        f"Create until all started: kcli {k['create_seq']:g} s sequential and {k['create_par']:g} s with "
-        f"`-t`, libvirt-python with 8 threads {k['create_lvpy8']:g} s; here `apply` took {_s(a1)} at "
-        f"parallelism 1 and {_s(a8)} at parallelism 8 ({a1 / k['create_seq']:.2f}x kcli's sequential "
-        f"time, {a8 / k['create_par']:.2f}x kcli `-t`, {a8 / k['create_lvpy8']:.2f}x the bare "
-        "libvirt-python script). "
-        "Until all answer HTTP: "
-        f"{k['http_seq']:.1f} / {k['http_par']:.1f} / {k['http_lvpy8']:.1f} s there, {_s(h1)} / {_s(h8)} here "
-        "(both dominated by ten TCG guests booting on two cores). A run with nothing to do: kcli "
-        f"{k['noop_kcli']:g} s and libvirt-python {k['noop_lvpy']:g} s for 10 guests there; here a no-op "
-        f"`reconciler plan` over {defined} defined instances took {_s(plan)} as a whole process, of which "
-        f"{_s(observe)} observing the host and {_s(startup)} just starting the interpreter and the CLI "
-        f"(what `reconciler version` takes){gap}. Delete everything: kcli {k['delete_kcli']:g} s (always "
-        f"sequential), libvirt-python in parallel {k['delete_lvpy']:.1f} s; here {_s(x1)} at parallelism 1 "
-        f"and {_s(x8)} at parallelism 8, with a graceful ACPI shutdown of each guest before undefining it."
+        "kcli is measured side by side with reconciler, in the same run and on the same workload (10 guests "
+        "of this image, 128 MiB, each with a 1 GiB data disk, 5 on each of two networks with DHCP, with "
+        "reconciler's real network and storage drivers): apply from scratch, a no-op re-run and teardown, "
+        "in [Side by side with kcli](#side-by-side-with-kcli-same-workload-same-run) "
+        "(`benchmarks/kcli.py`). The figures the host notes recorded for kcli on another machine are no "
+        "longer quoted here."
     )
 
 
