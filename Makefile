@@ -70,10 +70,11 @@ demo-memory-clean: setup
 	RECONCILER_HOST_CONFIG=$(DEMO_MEMORY_CONFIG) $(VENV)/bin/reconciler destroy manifests --yes
 	rm -rf .demo-state
 
-## Planner benchmark on generated clouds; writes docs/benchmarks.md. Then the instances
-## benchmark on the real libvirt driver (root, libvirtd, the test guest: `make services`),
-## which rewrites only its own section of that file.
-bench: setup
+## Benchmarks (measurements, never tests), each rewriting only its own section of
+## docs/benchmarks.md: the planner on generated clouds; then on the real drivers (root,
+## `make services`): instances, networks, volumes, buckets, the daemon, and the same
+## cloud created and deleted with kcli side by side (about an hour in all).
+bench: services
 	$(PY) -m benchmarks.plan --sizes 1000 10000 --repeat 5 --write docs/benchmarks.md
 	$(PY) -m benchmarks.instances --repeat 3 --write docs/benchmarks.md
 	$(PY) -m benchmarks.networks --write docs/benchmarks.md
