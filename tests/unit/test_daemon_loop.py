@@ -158,6 +158,7 @@ def test_first_revision_is_applied_and_recorded(tmp_path, cloud):
     applies = daemon.journal.applies()
     assert applies[0]["command"] == "daemon" and applies[0]["revision"] == report.revision
     assert applies[0]["created"] == 4 and applies[0]["outcome"] == "ok"
+    assert daemon.source.kept == [report.revision]  # older snapshots may go
     # nothing more to do: a second turn makes no pass
     assert daemon.step() is None
 
