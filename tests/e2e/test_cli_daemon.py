@@ -80,10 +80,13 @@ def get(url: str) -> tuple[int, str]:
     (("--source", "x", "--resync", "soon"), "--resync 'soon': not a duration"),
     (("--source", "x", "--metrics-address", "0.0.0.0:9477"), "only a loopback address"),
     (("--source", "x", "--metrics-address", "localhost"), "expected HOST:PORT"),
+    (("--source", "/nonexistent-rctest"), "--source /nonexistent-rctest: no such folder"),
+    (("--git", "/nonexistent-rctest"), "--git /nonexistent-rctest: no such repository on this host"),
     (("--git", "/x", "--branch", "-evil"), "branch"),
     (("--git", "/x", "--path", "../up"), "path"),
 ])
 def test_bad_daemon_options_are_refused_with_a_message(site, args, message):
+    args = tuple(str(site["folder"]) if a == "x" else a for a in args)  # "x": a folder that exists
     result = cli(site, "daemon", *args)
     assert result.returncode == 1, result
     assert message in result.stderr, result.stderr

@@ -429,8 +429,12 @@ def daemon(
             if git is not None:
                 src = GitSource(git, branch=branch, path=subdir, interval_s=_duration(interval, "--interval"),
                                 cache_dir=Path(config.stateDir) / "daemon" / "git")
+                if src.url.startswith("/") and not Path(src.url).exists():  # a local path (URLs are retried)
+                    raise ConfigError(f"--git {git}: no such repository on this host")
             else:
                 assert source is not None
+                if not source.is_dir():
+                    raise ConfigError(f"--source {source}: no such folder (the folder that holds the manifests)")
                 src = FolderSource(source.absolute())
             the_daemon = Daemon(lambda: load_host_config(state.host_config), src, options=options)
             server = None
@@ -471,47 +475,38 @@ def _tell_daemon(journal: Journal) -> str:
     return f"the daemon (pid {pid}) was told"
 
 
+TargetArg = typer.Argument(None, help="TENANT or KIND/TENANT/NAME (default: everything).")
+
+
+def _suspension(target: Optional[str], suspend: bool) -> int:
+    """Write a suspension (or remove it), record the event, tell a running daemon."""
+    what = _suspension_target(target)
+    label = "everything" if what == "*" else what
+    journal = Journal(load_host_config(state.host_config).stateDir)
+    note = ""
+    if suspend:
+        note = "" if journal.suspend(what) else " (it already was)"
+    elif not journal.resume(what):
+        held = ", ".join(journal.suspensions()) or "none"
+        raise ConfigError(f"{what!r} is not suspended (suspended: {held})")
+    verb = "Suspended" if suspend else "Resumed"
+    journal.event("info", verb, f"{label} {verb.lower()}", None if what == "*" else what)
+    out.print(f"{verb} {label}{note}; {_tell_daemon(journal)}.")
+    return 0
+
+
 @app.command()
-def suspend(
-    target: Optional[str] = typer.Argument(None, help="TENANT or KIND/TENANT/NAME (default: everything)."),
-    host_config: Optional[str] = HostConfigOpt,
-) -> None:
+def suspend(target: Optional[str] = TargetArg, host_config: Optional[str] = HostConfigOpt) -> None:
     """Stop the daemon changing a tenant or resource (it is still observed and reported)."""
     _host_config(host_config)
-
-    def body() -> int:
-        what = _suspension_target(target)
-        journal = Journal(load_host_config(state.host_config).stateDir)
-        fresh = journal.suspend(what)
-        journal.event("info", "Suspended", f"{'everything' if what == '*' else what} suspended",
-                      None if what == "*" else what)
-        out.print(f"Suspended {'everything' if what == '*' else what}"
-                  f"{'' if fresh else ' (it already was)'}; {_tell_daemon(journal)}.")
-        return 0
-
-    _run(body)
+    _run(lambda: _suspension(target, suspend=True))
 
 
 @app.command()
-def resume(
-    target: Optional[str] = typer.Argument(None, help="TENANT or KIND/TENANT/NAME (default: everything)."),
-    host_config: Optional[str] = HostConfigOpt,
-) -> None:
+def resume(target: Optional[str] = TargetArg, host_config: Optional[str] = HostConfigOpt) -> None:
     """Let the daemon change a suspended tenant or resource again (reconciled at once)."""
     _host_config(host_config)
-
-    def body() -> int:
-        what = _suspension_target(target)
-        journal = Journal(load_host_config(state.host_config).stateDir)
-        if not journal.resume(what):
-            held = ", ".join(journal.suspensions()) or "none"
-            raise ConfigError(f"{what!r} is not suspended (suspended: {held})")
-        journal.event("info", "Resumed", f"{'everything' if what == '*' else what} resumed",
-                      None if what == "*" else what)
-        out.print(f"Resumed {'everything' if what == '*' else what}; {_tell_daemon(journal)}.")
-        return 0
-
-    _run(body)
+    _run(lambda: _suspension(target, suspend=False))
 
 
 def _warn_if_daemon(journal: Journal, command: str) -> None:
