@@ -193,3 +193,20 @@ def domain_titles() -> dict[str, str]:
         if result.returncode == 0:  # else: undefined meanwhile
             titles[name] = result.stdout.strip()
     return titles
+
+
+def make_dir(path: Path) -> None:
+    """A folder others can traverse (libvirt's QEMU runs as libvirt-qemu)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)
+
+
+def fmt_s(x: float | None) -> str:
+    """A duration for a table: 4.2 ms, 420 ms, 4.20 s, 42.0 s; "–" for none."""
+    if x is None:
+        return "–"
+    if x < 0.01:
+        return f"{x * 1000:.1f} ms"
+    if x < 1:
+        return f"{x * 1000:.0f} ms"
+    return f"{x:.2f} s" if x < 10 else f"{x:.1f} s"

@@ -69,8 +69,8 @@ import yaml
 
 from benchmarks import _section
 from benchmarks._section import (
-    ENV, URI, VIRSH, EnvPaths, Interference, domain_titles, home_of, log, processes_mentioning,
-    remove_host_objects, run, virsh,
+    ENV, URI, VIRSH, EnvPaths, Interference, domain_titles, fmt_s, home_of, log, make_dir,
+    processes_mentioning, remove_host_objects, run, virsh,
 )
 
 from reconciler.models import Key
@@ -94,21 +94,6 @@ MTU_POLL_S = 0.01
 LINK_POLL_S = 0.01
 DOMSTATE_POLL_S = 0.02
 TOOLS = ("ip", "nft", "dnsmasq", "virsh", "git")
-
-
-def _make_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o755)  # libvirt's QEMU runs as libvirt-qemu and must traverse
-
-
-def _s(x: float | None) -> str:
-    if x is None:
-        return "–"
-    if x < 0.01:
-        return f"{x * 1000:.1f} ms"
-    if x < 1:
-        return f"{x * 1000:.0f} ms"
-    return f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
 
 
 def _epoch(iso: str) -> float:
@@ -182,11 +167,11 @@ class Env(EnvPaths):
     @classmethod
     def create(cls, drivers: Mapping[str, str] | str, **extra: Any) -> "Env":
         env_id = f"{PREFIX}{secrets.token_hex(4)}"
-        _make_dir(BENCH_ROOT.parent)
-        _make_dir(BENCH_ROOT)
+        make_dir(BENCH_ROOT.parent)
+        make_dir(BENCH_ROOT)
         env = cls(env_id, BENCH_ROOT / env_id, dict(drivers) if isinstance(drivers, Mapping) else {}, dict(extra))
-        _make_dir(env.root)
-        _make_dir(env.state_dir)
+        make_dir(env.root)
+        make_dir(env.state_dir)
         config: dict[str, Any] = {"stateDir": str(env.state_dir), "drivers": drivers, **extra}
         env.host_config.write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
         return env
@@ -670,8 +655,8 @@ def measure_mtu_edits(d: DaemonProc, bridge: str, repeat: int, write: Callable[[
             "host_events": sorted({f"{e.get('driver')} {e.get('what')}" + (" (subject *)" if e.get("subject") == "*" else "")
                                    for e in lines if e.get("event") == "host event"}),
         })
-        log(f"  {what} {i + 1}: mtu {mtu} on the bridge after {_s(latency)} (daemon noticed after "
-            f"{_s(results[-1]['noticed'])}; {results[-1]['passes']} passes)")
+        log(f"  {what} {i + 1}: mtu {mtu} on the bridge after {fmt_s(latency)} (daemon noticed after "
+            f"{fmt_s(results[-1]['noticed'])}; {results[-1]['passes']} passes)")
         if latency is None:
             raise RuntimeError(f"{what}: mtu {mtu} not on {bridge} within 60 s\n{d.text_log()[-3000:]}")
         current = mtu
@@ -754,7 +739,7 @@ def scenario_folder(repeat: int) -> dict[str, Any]:
                                        for e in lines if e.get("event") == "host event"}),
                 "message": drift[0]["message"] if drift else None,
             })
-            log(f"  bridge del {i + 1}: up again after {_s(heals[-1]['up'])}, whole after {_s(heals[-1]['whole'])} "
+            log(f"  bridge del {i + 1}: up again after {fmt_s(heals[-1]['up'])}, whole after {fmt_s(heals[-1]['whole'])} "
                 f"({heals[-1]['passes']} passes)")
             if up is None:
                 raise RuntimeError(f"bridge {bridge} not back within 30 s\n{d.text_log()[-3000:]}")
@@ -782,7 +767,7 @@ def scenario_git(repeat: int) -> dict[str, Any]:
     bridge = host_name(key)
     repo = env.root / "repo"
     env.record(manifests=str(env.root / "final"), links=[bridge, "rv-" + bridge[3:]])
-    _make_dir(repo)
+    make_dir(repo)
     git(repo, "init", "-q", "-b", "main")
     start_mtu = 1400
     manifest = repo / "cloud.yaml"
@@ -898,8 +883,8 @@ def scenario_instance(repeat: int) -> dict[str, Any]:
                 "message": drift[0]["message"] if drift else None,
             })
             h = heals[-1]
-            log(f"  virsh destroy {i + 1}: took {_s(h['destroy_s'])}; running again {_s(h['after_return'])} after "
-                f"it returned ({_s(h['after_start'])} after it started; {h['passes']} passes, observe "
+            log(f"  virsh destroy {i + 1}: took {fmt_s(h['destroy_s'])}; running again {fmt_s(h['after_return'])} after "
+                f"it returned ({fmt_s(h['after_start'])} after it started; {h['passes']} passes, observe "
                 f"{h['observe_s']})")
             if seen is None:
                 raise RuntimeError(f"{domain} not running again within 120 s\n{d.text_log()[-3000:]}")
@@ -1052,7 +1037,7 @@ def scenario_idle_example(repeat: int, window_s: float) -> dict[str, Any]:
                      objectStores={"local": {"driver": "swift", "authUrl": PROXY + "/auth/v1.0",
                                              "user": "admin:admin", "key": "admin", "default": True}})
     volumes = env.root / "volumes"
-    _make_dir(volumes)
+    make_dir(volumes)
     config = json.loads(env.host_config.read_text())
     config["volumeBackends"]["local"]["path"] = str(volumes)
     env.host_config.write_text(json.dumps(config, indent=2) + "\n")
@@ -1148,7 +1133,7 @@ def _row(label: str, values: Sequence[float | None], how: str) -> str:
     if st is None:
         return f"| {label} | – | – | – | {how} |"
     n = sum(1 for v in values if v is not None)
-    return f"| {label} | {_s(st[0])} | {_s(st[1])} | {_s(st[2])} | {how}{'' if n == len(values) else f' ({n} of {len(values)} seen)'} |"
+    return f"| {label} | {fmt_s(st[0])} | {fmt_s(st[1])} | {fmt_s(st[2])} | {how}{'' if n == len(values) else f' ({n} of {len(values)} seen)'} |"
 
 
 def _pct_row(label: str, values: Sequence[float], fmt: str, how: str, unit: str = "") -> str:
@@ -1290,7 +1275,7 @@ def report(results: Mapping[str, Any], args: argparse.Namespace, command: str, e
     if f:
         e = f["edits"]
         notes.append(
-            f"- Folder source: the daemon read the new revision {_s(_stats([x['noticed'] for x in e])[0])} after the "
+            f"- Folder source: the daemon read the new revision {fmt_s(_stats([x['noticed'] for x in e])[0])} after the "
             "rename (median), nearly all of it the folder watcher's 0.25 s debounce; loading, observing, "
             "planning and the driver's MTU change took the rest. "
             f"Passes per edit (until quiet): {[x['passes'] for x in e]}: the one that applies it, then no-op "
@@ -1300,29 +1285,29 @@ def report(results: Mapping[str, Any], args: argparse.Namespace, command: str, e
         e = g["edits"]
         med = _stats([x["latency"] for x in e])[0]
         notes.append(
-            f"- Git source with `--interval 30s`: a commit reached the host in {_s(med)} (median), far under the "
+            f"- Git source with `--interval 30s`: a commit reached the host in {fmt_s(med)} (median), far under the "
             "interval: the source watches a local repository's refs (inotify, 0.2 s debounce) and fetches at "
             f"once. Passes per commit: {[x['passes'] for x in e]}. First apply after start: "
-            f"{_s(g.get('first_apply'))}.")
+            f"{fmt_s(g.get('first_apply'))}.")
     if i:
         h = i["heals"]
         obs = [o for x in h for o in x["observe_s"] if o is not None]
         first = [x["first_event"] for x in h if x["first_event"]]
         notes.append(
-            f"- `virsh destroy` takes {_s(_stats([x['destroy_s'] for x in h])[0])} here (libvirt waits for PID 1 to reap "
+            f"- `virsh destroy` takes {fmt_s(_stats([x['destroy_s'] for x in h])[0])} here (libvirt waits for PID 1 to reap "
             "QEMU). Host events are logged when the loop takes them, between passes: the first one logged, "
-            + (f"{sorted({str(x[2]) for x in first})}, {_s(statistics.median(x[0] for x in first))} after the "
+            + (f"{sorted({str(x[2]) for x in first})}, {fmt_s(statistics.median(x[0] for x in first))} after the "
                "destroy started. " if first else "none. ")
             + "A pass that starts while the destroy still runs (set off by the guest's port leaving its bridge) "
             "waits for libvirt in its observe (observe times in the passes: "
-            f"{', '.join(_s(o) for o in obs[:12])}), so the heal effectively starts when the "
+            f"{', '.join(fmt_s(o) for o in obs[:12])}), so the heal effectively starts when the "
             f"destroy is done. Passes per heal: {[x['passes'] for x in h]}. Drift messages: "
             f"{sorted({x['message'] for x in h if x['message']})}.")
     if f:
         h = f["bridge_heals"]
         notes.append(
             f"- Bridge deletion: the netlink watcher saw it and the daemon recreated the bridge in "
-            f"{_s(_stats([x['up'] for x in h])[0])} (median); passes per heal: {[x['passes'] for x in h]} (the heal, "
+            f"{fmt_s(_stats([x['up'] for x in h])[0])} (median); passes per heal: {[x['passes'] for x in h]} (the heal, "
             "then no-op passes set off by the host events of its own change; host events seen: "
             f"{sorted({v for x in h for v in x.get('host_events', [])})}). "
             f"Drift messages: {sorted({x['message'] for x in h if x['message']})}.")
@@ -1332,7 +1317,7 @@ def report(results: Mapping[str, Any], args: argparse.Namespace, command: str, e
             continue
         w = r.get("windows", [])
         text = (f"- Idle {label}: {r['resources']} resources, first apply (daemon start → converged) "
-                f"{_s(r.get('first_apply'))}; RSS after settling {r.get('rss_after_settle', 0):.0f} MiB"
+                f"{fmt_s(r.get('first_apply'))}; RSS after settling {r.get('rss_after_settle', 0):.0f} MiB"
                 + (f", peak (VmHWM) {max(x['hwm'] for x in w):.0f} MiB, {w[-1]['threads']} threads" if w else "")
                 + f"; passes per window {[int(x['passes_metric']) for x in w]} (log: {[x['passes'] for x in w]}), host events per window "
                 f"{[int(x['host_events_metric']) for x in w]}"
@@ -1343,9 +1328,9 @@ def report(results: Mapping[str, Any], args: argparse.Namespace, command: str, e
         if key == "idle-memory":
             cli = r.get("cli_apply") or {}
             text += (f" {r.get('files')} files. The daemon's first apply (1,000 creates, its log's `applied`) took "
-                     f"{_s(r.get('apply_log_s'))}; `reconciler apply` of the same manifests on the same drivers "
-                     f"(own state dir) {_s(cli.get('apply_log_s'))} (whole process {_s(cli.get('whole_s'))}). "
-                     f"Destroy {_s(r['cleanup']['destroy_s'])}.")
+                     f"{fmt_s(r.get('apply_log_s'))}; `reconciler apply` of the same manifests on the same drivers "
+                     f"(own state dir) {fmt_s(cli.get('apply_log_s'))} (whole process {fmt_s(cli.get('whole_s'))}). "
+                     f"Destroy {fmt_s(r['cleanup']['destroy_s'])}.")
         if key == "idle-example":
             ch = r["changed"]
             text += (f" Kinds: {r['kinds']}. The copy of `manifests/` ({ch['files']} files) was changed so: tenants "
@@ -1359,8 +1344,8 @@ def report(results: Mapping[str, Any], args: argparse.Namespace, command: str, e
                      f"{r['instances']} domains running, {r['host']['containers']} Swift containers, "
                      f"{r['host']['volume_files']} files in the volume folder"
                      + ("" if r.get("converged") else f"; NOT fully converged: {r['not_ready']}")
-                     + f". The daemon's first apply took {_s(r.get('apply_log_s'))} (its log's `applied`)"
-                     + f". Destroy {_s(r['cleanup']['destroy_s'])}.")
+                     + f". The daemon's first apply took {fmt_s(r.get('apply_log_s'))} (its log's `applied`)"
+                     + f". Destroy {fmt_s(r['cleanup']['destroy_s'])}.")
         notes.append(text)
     odd = results.get("odd", [])
     notes += [f"- {o}" for o in odd]
@@ -1374,12 +1359,12 @@ def report(results: Mapping[str, Any], args: argparse.Namespace, command: str, e
     logged = [x.get("stopped_logged_s") for x in stops if x.get("stopped_logged_s") is not None]
     if stops:
         text = ("- Stopping: from SIGTERM until the process exited (reaped by `Popen.wait`): "
-                + ", ".join(_s(x.get("stop_s")) for x in stops) + " (scenarios in order)")
+                + ", ".join(fmt_s(x.get("stop_s")) for x in stops) + " (scenarios in order)")
         if logged:
             after = [x["stop_s"] - x["stopped_logged_s"] for x in stops if x.get("stopped_logged_s") is not None]
             text += (f"; the loop had finished its shutdown (log `Stopped`, after closing the sources and watchers) "
-                     f"{', '.join(_s(v) for v in logged)} after the signal, and the process exited "
-                     f"{_s(statistics.median(after))} after that (median; up to 0.5 s of it is the metrics "
+                     f"{', '.join(fmt_s(v) for v in logged)} after the signal, and the process exited "
+                     f"{fmt_s(statistics.median(after))} after that (median; up to 0.5 s of it is the metrics "
                      "server's `shutdown()` waiting for `serve_forever`'s poll interval)")
             slow = [v for v in logged if v > 1.0]
             if slow:
@@ -1411,7 +1396,7 @@ def report(results: Mapping[str, Any], args: argparse.Namespace, command: str, e
                  + (f"1-minute load average seen: {min(WATCH.load):.1f} to {max(WATCH.load):.1f}. " if WATCH.load else "")
                  + ("Before each scenario the benchmark waits (up to `--quiet-wait`, "
                     f"{args.quiet_wait:g} s) for other test runs and reconciler commands to finish"
-                    + (": it waited " + ", ".join(f"{k} {_s(v)}" for k, v in results.get("waited", {}).items() if v >= 1)
+                    + (": it waited " + ", ".join(f"{k} {fmt_s(v)}" for k, v in results.get("waited", {}).items() if v >= 1)
                        if any(v >= 1 for v in results.get("waited", {}).values()) else "; it never had to")
                     + ". Host events about other installations' objects (their tests, their daemons) still set "
                     "off this daemon's watchers; windows and heals they touched are shown as such."))

@@ -51,7 +51,7 @@ from typing import Any
 
 from benchmarks import _section
 from benchmarks._section import (
-    URI, EnvPaths, domain_names, domain_titles, log, run, virsh,
+    URI, EnvPaths, domain_names, domain_titles, fmt_s, log, make_dir, run, virsh,
 )
 
 from reconciler.models import Key
@@ -70,11 +70,6 @@ POLL_INTERVAL_S = 0.2
 POLL_ATTEMPT_TIMEOUT_S = 1.0
 BEGIN = "<!-- instances:begin -->"
 END = "<!-- instances:end -->"
-
-
-def _make_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o755)  # libvirt's QEMU runs as libvirt-qemu and must traverse
 
 
 def _free_subnets(count: int) -> list[ipaddress.IPv4Network]:
@@ -111,11 +106,11 @@ class Env(EnvPaths):
     @classmethod
     def create(cls) -> Env:
         tenant = f"{PREFIX}{secrets.token_hex(4)}"
-        _make_dir(BENCH_ROOT.parent)
-        _make_dir(BENCH_ROOT)
+        make_dir(BENCH_ROOT.parent)
+        make_dir(BENCH_ROOT)
         env = cls(tenant=tenant, root=BENCH_ROOT / tenant)
-        _make_dir(env.root)
-        _make_dir(env.state_dir)
+        make_dir(env.root)
+        make_dir(env.state_dir)
         drivers = {k: "memory" for k in ("Tenant", "Network", "Router", "SecurityGroup", "Volume", "Bucket")}
         drivers.update(Image="libvirt", Instance="libvirt")
         env.host_config.write_text(json.dumps({  # JSON is YAML
@@ -162,7 +157,7 @@ class Env(EnvPaths):
                 f"spec:\n  image: tiny\n  vcpus: 1\n  memoryMiB: {MEMORY_MIB}\n  rootDiskGiB: 1\n"
                 f"  powerState: {power_state}\n  networks: [{{network: {vm.network}, ip: {vm.ip}}}]\n"
             )
-        _make_dir(self.manifests)
+        make_dir(self.manifests)
         path = self.manifests / "cloud.yaml"
         path.write_text("---\n".join(docs))
         return path
@@ -418,14 +413,6 @@ def scenario_defined(count: int) -> dict[str, Any]:
 # --- the report -------------------------------------------------------------------------------
 
 
-def _s(x: float) -> str:
-    if x < 0.01:
-        return f"{x * 1000:.1f} ms"
-    if x < 1:
-        return f"{x * 1000:.0f} ms"
-    return f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
-
-
 def _stats(values: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
@@ -464,7 +451,7 @@ def report(results: dict[str, list[dict[str, Any]]], repeat: int, count: int, de
 
     def row(label: str, values: Sequence[float]) -> str:
         med, lo, hi = _stats(values)
-        return f"| {label} | {_s(med)} | {_s(lo)} | {_s(hi)} |"
+        return f"| {label} | {fmt_s(med)} | {fmt_s(lo)} | {fmt_s(hi)} |"
 
     half = count // len(NETWORKS)
     lines = [
@@ -594,8 +581,8 @@ def _notes(results: dict[str, list[dict[str, Any]]], count: int,
     s8 = results["started-8"]
     spread = [r["http_all"] - r["http_first"] for r in s8]
     notes += [
-        f"- At parallelism 8 the first guest answered after {_s(statistics.median(r['http_first'] for r in s8))} "
-        f"and the last {_s(statistics.median(spread))} later (medians); one guest alone boots in about "
+        f"- At parallelism 8 the first guest answered after {fmt_s(statistics.median(r['http_first'] for r in s8))} "
+        f"and the last {fmt_s(statistics.median(spread))} later (medians); one guest alone boots in about "
         f"4 s under TCG (host notes), {count} at once share the two cores.",
         f"- The apply includes registering the image (a {_image_mib():.0f} MiB copy, checksummed) and writing a seed ISO per "
         "instance; the destroy waits for each guest to power off after an ACPI press (the test guest runs "
@@ -698,13 +685,13 @@ def main(argv: list[str] | None = None) -> int:
                             f"{args.instances} instances at parallelism {p}",
                             lambda: scenario_started(p, args.instances))
                 results[f"started-{p}"].append(r)
-                log(f"  apply {_s(r['apply'])}, all answer HTTP {_s(r['http_all'])} "
-                    f"(first {_s(r['http_first'])}), destroy {_s(r['destroy'])}; {r['watch']}")
+                log(f"  apply {fmt_s(r['apply'])}, all answer HTTP {fmt_s(r['http_all'])} "
+                    f"(first {fmt_s(r['http_first'])}), destroy {fmt_s(r['destroy'])}; {r['watch']}")
             r = attempt("defined", i, failures, args.quiet_wait, f"{args.defined} defined instances",
                         lambda: scenario_defined(args.defined))
             results["defined"].append(r)
-            log(f"  apply {_s(r['apply'])}, no-op plan {_s(r['plan'])} (observe {r['observe']} s, "
-                f"plan {r['plan_part']} s, owned {r['owned']}), destroy {_s(r['destroy'])}; {r['watch']}")
+            log(f"  apply {fmt_s(r['apply'])}, no-op plan {fmt_s(r['plan'])} (observe {r['observe']} s, "
+                f"plan {r['plan_part']} s, owned {r['owned']}), destroy {fmt_s(r['destroy'])}; {r['watch']}")
     finally:
         problems = sweep_all()
         if problems:

@@ -55,8 +55,8 @@ import yaml
 
 from benchmarks import _section
 from benchmarks._section import (
-    ENV, URI, EnvPaths, Interference, domain_names, domain_titles, home_of, log,
-    processes_mentioning, remove_host_objects, run, timed_cli, virsh,
+    ENV, URI, EnvPaths, Interference, domain_names, domain_titles, fmt_s, home_of, log,
+    make_dir, processes_mentioning, remove_host_objects, run, timed_cli, virsh,
 )
 
 from reconciler.models import Key
@@ -98,11 +98,6 @@ def libvirt_networks() -> set[str]:
 
 def libvirt_pools() -> set[str]:
     return {n for n in virsh("pool-list", "--all", "--name").stdout.split() if n}
-
-
-def _make_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o755)  # libvirt's QEMU runs as libvirt-qemu and must traverse
 
 
 def _free_subnets(count: int) -> list[ipaddress.IPv4Network]:
@@ -225,13 +220,13 @@ class Env(EnvPaths):
     @classmethod
     def create(cls, count: int) -> "Env":
         env_id = f"{PREFIX}{secrets.token_hex(4)}"
-        _make_dir(BENCH_ROOT.parent)
-        _make_dir(BENCH_ROOT)
+        make_dir(BENCH_ROOT.parent)
+        make_dir(BENCH_ROOT)
         env = cls(env_id, BENCH_ROOT / env_id)
-        _make_dir(env.root)
+        make_dir(env.root)
         env.record(id=env_id)  # a sweep finds the environment from here on
-        _make_dir(env.state_dir)
-        _make_dir(env.volumes)
+        make_dir(env.state_dir)
+        make_dir(env.volumes)
         env.cloud = Cloud.make(env_id, _free_subnets(2), count)
         env.record(cloud={"networks": [[n.name, n.suffix, str(n.cidr)] for n in env.cloud.networks],
                           "vms": [[v.name, v.network, v.ip, v.volume] for v in env.cloud.vms]})
@@ -244,11 +239,11 @@ class Env(EnvPaths):
             "netlink": {"uplinks": {}, "vxlanPeers": []},
             "volumeBackends": {"local": {"driver": "file", "path": str(env.volumes), "default": True}},
         }, indent=2) + "\n")
-        _make_dir(env.manifests)
+        make_dir(env.manifests)
         (env.manifests / "cloud.yaml").write_text(yaml.safe_dump_all(env.cloud.manifests(), sort_keys=False))
         # kcli: its own HOME (config, last-vm file), a dir pool named like the environment
-        _make_dir(env.kcli_home / ".kcli")
-        _make_dir(env.kcli_pool)
+        make_dir(env.kcli_home / ".kcli")
+        make_dir(env.kcli_pool)
         (env.kcli_home / ".kcli" / "config.yml").write_text(yaml.safe_dump({
             "default": {"client": "local"},
             "local": {"type": "kvm", "host": "127.0.0.1", "pool": env_id},
@@ -754,10 +749,10 @@ def run_repeat(index: int, count: int, results: dict[str, list[dict[str, Any]]],
             r.update(order=order.index(tool) + 1, foreign_domains=seen.foreign_domains,
                      load=[round(x, 2) for x in seen.load])
             results[tool].append(r)
-            log(f"  {tool}: apply {_s(r['apply'])}, all running {_s(r['running'])}"
-                + (f", settled {_s(r.get('settled'))}; no-op {_s(r['noop'])}" if "noop" in r else "")
-                + (f" (plan {_s(r['plan'])}, version {_s(r['startup'])})" if "plan" in r else "")
-                + (f"; teardown {_s(r['teardown_cmd'])}, all gone {_s(r['teardown'])}" if "teardown" in r else ""))
+            log(f"  {tool}: apply {fmt_s(r['apply'])}, all running {fmt_s(r['running'])}"
+                + (f", settled {fmt_s(r.get('settled'))}; no-op {fmt_s(r['noop'])}" if "noop" in r else "")
+                + (f" (plan {fmt_s(r['plan'])}, version {fmt_s(r['startup'])})" if "plan" in r else "")
+                + (f"; teardown {fmt_s(r['teardown_cmd'])}, all gone {fmt_s(r['teardown'])}" if "teardown" in r else ""))
     finally:
         problems = sweep_root(env.root)
         if problems:
@@ -792,8 +787,8 @@ def ensure_kcli() -> dict[str, Any]:
              "import importlib.metadata as m; print(m.version('kcli'), m.version('libvirt-python'))"]
     if not KCLI.exists() or run(*probe, check=False).returncode != 0:
         log(f"installing kcli into {KCLI_VENV} (python -m venv, pip install kcli)...")
-        _make_dir(BENCH_ROOT.parent)
-        _make_dir(BENCH_ROOT)
+        make_dir(BENCH_ROOT.parent)
+        make_dir(BENCH_ROOT)
         started = time.perf_counter()
         shutil.rmtree(KCLI_VENV, ignore_errors=True)
         run(sys.executable, "-m", "venv", str(KCLI_VENV))
@@ -809,16 +804,6 @@ def ensure_kcli() -> dict[str, Any]:
 
 
 # --- the report ---------------------------------------------------------------------------------------
-
-
-def _s(x: float | None) -> str:
-    if x is None:
-        return "–"
-    if x < 0.01:
-        return f"{x * 1000:.1f} ms"
-    if x < 1:
-        return f"{x * 1000:.0f} ms"
-    return f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
 
 
 def machine(kcli: Mapping[str, Any]) -> dict[str, str]:
@@ -849,7 +834,7 @@ def report(results: Mapping[str, list[dict[str, Any]]], repeat: int, count: int,
         values = [r[key] for r in rows if r.get(key) is not None]
         if not values:
             return "–"
-        return f"{_s(statistics.median(values))} ({_s(min(values))}–{_s(max(values))})"
+        return f"{fmt_s(statistics.median(values))} ({fmt_s(min(values))}–{fmt_s(max(values))})"
 
     def ratio(a: float | None, b: float | None) -> str:
         return f"{a / b:.2f}x" if a is not None and b else "–"
@@ -1004,17 +989,17 @@ def _reading(rc: Sequence[dict[str, Any]], ks: Sequence[dict[str, Any]], kt: Seq
     out = []
     if None not in (r_run, k_run, t_run):
         best = min(k_run, t_run)
-        out.append(f"Apply from scratch: reconciler {_s(r_run)} against kcli {_s(k_run)} sequential and "
-                   f"{_s(t_run)} threaded ({r_run / best:.2f}x kcli's faster way); reconciler's includes "
+        out.append(f"Apply from scratch: reconciler {fmt_s(r_run)} against kcli {fmt_s(k_run)} sequential and "
+                   f"{fmt_s(t_run)} threaded ({r_run / best:.2f}x kcli's faster way); reconciler's includes "
                    f"registering the image (a copy), writing {count} seed ISOs and the per-port nftables "
                    "rules, which kcli does not do (below).")
     if None not in (r_noop, k_noop, r_start):
-        out.append(f"A re-run with nothing to do: {_s(r_noop)} for `reconciler apply` (`plan`: {_s(r_plan)}) "
-                   f"against {_s(k_noop)} for `kcli create plan`; of reconciler's, {_s(r_start)} is starting "
+        out.append(f"A re-run with nothing to do: {fmt_s(r_noop)} for `reconciler apply` (`plan`: {fmt_s(r_plan)}) "
+                   f"against {fmt_s(k_noop)} for `kcli create plan`; of reconciler's, {fmt_s(r_start)} is starting "
                    "the interpreter and the CLI (`reconciler version`, measured in the same cycles), the rest "
                    f"loading the manifests and observing every host object of the cloud.")
     if None not in (r_down, k_down):
-        out.append(f"Teardown: {_s(r_down)} against {_s(k_down)} ({r_down / k_down:.2f}x): kcli deletes one "
+        out.append(f"Teardown: {fmt_s(r_down)} against {fmt_s(k_down)} ({r_down / k_down:.2f}x): kcli deletes one "
                    f"VM after another, about {k_down / count:.1f} s each, most of it the forced stop (host "
                    "notes: a killed QEMU is reaped by PID 1 only every ~1.4 s); reconciler works on eight at "
                    "once and shuts each guest down gracefully.")
@@ -1028,7 +1013,7 @@ def _notes(results: Mapping[str, list[dict[str, Any]]], failures: Sequence[dict[
     unsettled = sum(1 for rows in results.values() for r in rows if "settled" in r and r["settled"] is None)
     notes.append("- Booted and idle, from the start of the apply (the wait before the re-run; not compared): "
                  + ", ".join(
-                     f"{LABEL[t]} {_s(statistics.median(v))}" for t, v in settled.items() if v)
+                     f"{LABEL[t]} {fmt_s(statistics.median(v))}" for t, v in settled.items() if v)
                  + (f"; {unsettled} cycle(s) did not settle within {SETTLE_TIMEOUT_S:.0f} s and went on "
                     "anyway" if unsettled else "")
                  + ". kcli's guests take longer because they have no seed: the test guest's init then probes "

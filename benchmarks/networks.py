@@ -50,8 +50,8 @@ from typing import Any
 
 from benchmarks import _section
 from benchmarks._section import (
-    EnvPaths, Interference, home_of, log,
-    processes_mentioning, remove_host_objects, run,
+    EnvPaths, Interference, fmt_s, home_of, log, make_dir, processes_mentioning,
+    remove_host_objects, run,
 )
 
 from reconciler.models import Key
@@ -67,13 +67,6 @@ END = "<!-- networks:end -->"
 TOOLS = ("ip", "nft", "dnsmasq")
 
 
-
-
-def _make_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o755)
-
-
 # --- one benchmark environment ---------------------------------------------------------------
 
 
@@ -85,11 +78,11 @@ class Env(EnvPaths):
     @classmethod
     def create(cls) -> "Env":
         tenant = f"{PREFIX}{secrets.token_hex(4)}"
-        _make_dir(BENCH_ROOT.parent)
-        _make_dir(BENCH_ROOT)
+        make_dir(BENCH_ROOT.parent)
+        make_dir(BENCH_ROOT)
         env = cls(tenant, BENCH_ROOT / tenant)
-        _make_dir(env.root)
-        _make_dir(env.state_dir)
+        make_dir(env.root)
+        make_dir(env.state_dir)
         drivers = {k: "memory" for k in ("Tenant", "Image", "Instance", "Volume", "Bucket")}
         drivers.update(Network="netlink", Router="netlink", SecurityGroup="netlink")
         env.host_config.write_text(json.dumps({"stateDir": str(env.state_dir), "drivers": drivers}, indent=2) + "\n")
@@ -106,7 +99,7 @@ class Env(EnvPaths):
             dhcp_part = "" if dhcp else ", dhcp: {enabled: false}"
             docs.append(f"apiVersion: reconciler/v1\nkind: Network\nmetadata: {{name: {name}, tenant: {self.tenant}}}\n"
                         f"spec: {{type: vxlan, subnets: [{{cidr: {subnet}{dhcp_part}}}]}}\n")
-        _make_dir(self.root / "manifests")
+        make_dir(self.root / "manifests")
         path = self.root / "manifests" / "cloud.yaml"
         path.write_text("---\n".join(docs))
         return path
@@ -268,14 +261,6 @@ def scenario_apply(count: int, parallelism: int, dhcp: bool = True) -> dict[str,
 # --- the report --------------------------------------------------------------------------------
 
 
-def _s(x: float) -> str:
-    if x < 0.01:
-        return f"{x * 1000:.1f} ms"
-    if x < 1:
-        return f"{x * 1000:.0f} ms"
-    return f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
-
-
 def machine() -> dict[str, str]:
     from benchmarks.plan import machine as planner_machine
 
@@ -305,7 +290,7 @@ def report(results: Mapping[str, Any], args: argparse.Namespace, command: str) -
     n, d = args.networks, args.dhcp_networks
 
     def row(label: str, values: Sequence[float]) -> str:
-        return f"| {label} | {_s(statistics.median(values))} | {_s(min(values))} | {_s(max(values))} |"
+        return f"| {label} | {fmt_s(statistics.median(values))} | {fmt_s(min(values))} | {fmt_s(max(values))} |"
 
     runs = op["runs"]
     lines = [
@@ -379,17 +364,17 @@ def report(results: Mapping[str, Any], args: argparse.Namespace, command: str) -
         "",
         "### Notes",
         "",
-        f"- Per network: observing costs {_s(observe / n)} (median over {n}), applying one with DHCP "
-        f"{_s(a1 / d)} at parallelism 1 and {_s(a8 / d)} at parallelism 8 (whole process divided by {d}; "
+        f"- Per network: observing costs {fmt_s(observe / n)} (median over {n}), applying one with DHCP "
+        f"{fmt_s(a1 / d)} at parallelism 1 and {fmt_s(a8 / d)} at parallelism 8 (whole process divided by {d}; "
         f"parallelism 8 is {a1 / a8:.1f}x faster on {os.cpu_count()} cores).",
-        f"- The whole `reconciler plan` process took {_s(whole)}, of which observing the host "
-        f"{_s(observe)} and planning {_s(statistics.median(r['plan'] for r in runs))}; the rest is "
+        f"- The whole `reconciler plan` process took {fmt_s(whole)}, of which observing the host "
+        f"{fmt_s(observe)} and planning {fmt_s(statistics.median(r['plan'] for r in runs))}; the rest is "
         "interpreter and CLI start-up and loading the manifests.",
-        f"- For scale: creating the {n} networks without DHCP took {_s(op['apply'])} (`apply "
-        f"--parallelism 8`, once) and destroying them {_s(op['destroy'])}; the no-op plans saw "
+        f"- For scale: creating the {n} networks without DHCP took {fmt_s(op['apply'])} (`apply "
+        f"--parallelism 8`, once) and destroying them {fmt_s(op['destroy'])}; the no-op plans saw "
         f"{op['owned']} owned host objects ({n} networks and the tenant).",
-        f"- Without DHCP, a network cost {_s(p50 / d)} to create among {d} and {_s(op['apply'] / n)} "
-        f"among {n} (destroy: {_s(x50 / d)} and {_s(op['destroy'] / n)})"
+        f"- Without DHCP, a network cost {fmt_s(p50 / d)} to create among {d} and {fmt_s(op['apply'] / n)} "
+        f"among {n} (destroy: {fmt_s(x50 / d)} and {fmt_s(op['destroy'] / n)})"
         + (": apply does not scale linearly. The driver reads the whole host again around every change "
            "(the link dump and both nftables tables, listed whole: `NetlinkDriver.facts()`), so "
            "each change costs more the more networks there are, and an apply of N networks grows "
@@ -447,18 +432,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("leftovers of an earlier run could not be removed: " + "; ".join(problems))
         log(f"observe and plan with {args.networks} networks ({args.repeat} runs)...")
         op = results["observe-plan"] = scenario_observe_plan(args.networks, args.repeat)
-        log(f"  apply {_s(op['apply'])}; observe {[_s(r['observe']) for r in op['runs']]}; "
-            f"plan {[_s(r['plan']) for r in op['runs']]}; destroy {_s(op['destroy'])}")
+        log(f"  apply {fmt_s(op['apply'])}; observe {[fmt_s(r['observe']) for r in op['runs']]}; "
+            f"plan {[fmt_s(r['plan']) for r in op['runs']]}; destroy {fmt_s(op['destroy'])}")
         for i in range(args.apply_repeat):
             for p in (1, 8):
                 log(f"run {i + 1}: apply {args.dhcp_networks} networks with DHCP at parallelism {p}...")
                 r = scenario_apply(args.dhcp_networks, p)
                 results[f"dhcp-{p}"].append(r)
-                log(f"  apply {_s(r['apply'])}, destroy {_s(r['destroy'])}")
+                log(f"  apply {fmt_s(r['apply'])}, destroy {fmt_s(r['destroy'])}")
             log(f"run {i + 1}: apply {args.dhcp_networks} networks without DHCP at parallelism 8...")
             r = scenario_apply(args.dhcp_networks, 8, dhcp=False)
             results["plain-8"].append(r)
-            log(f"  apply {_s(r['apply'])}, destroy {_s(r['destroy'])}")
+            log(f"  apply {fmt_s(r['apply'])}, destroy {fmt_s(r['destroy'])}")
     finally:
         problems = sweep_all()
         if problems:
