@@ -19,7 +19,7 @@ from reconciler.dependencies import build_graph
 from reconciler.drivers.base import Admitting, Adopting, Attachable, Defaulting, Describing, Driver, Validating
 from reconciler.drivers.registry import build_drivers
 from reconciler.errors import Problem, ReconcilerError, ValidationFailed, format_path
-from reconciler.executor import NOT_STARTED, ApplyResult, Executor, Outcome, observe_all
+from reconciler.executor import NOT_STARTED, ApplyResult, Executor, Outcome, observe_all, observe_each
 from reconciler.hostconfig import HostConfig
 from reconciler.journal import Journal
 from reconciler.loader import load
@@ -93,8 +93,18 @@ class Controller:
         return build_graph(desired)
 
     def observe(self) -> Observation:
+        """Every driver's view of the host; a driver that cannot observe raises."""
         unique: dict[int, Driver] = {id(d): d for d in self.drivers.values()}
         return observe_all(unique.values())
+
+    def observe_available(self) -> tuple[Observation, dict[str, str]]:
+        """What the drivers that can observe see, and kind -> why for the kinds whose
+        driver cannot (its service is down: a transient error)."""
+        unique: dict[int, Driver] = {id(d): d for d in self.drivers.values()}
+        observation, down = observe_each(unique.values())
+        kinds = {kind: f"the {drv.name} driver cannot observe the host: {down[drv.name]}"
+                 for kind, drv in self.drivers.items() if drv.name in down}
+        return observation, kinds
 
     def conflicts(self, desired: Desired, observation: Observation) -> dict[Key, Unowned]:
         """Desired objects whose host name is taken by an object without our mark (and
@@ -173,7 +183,7 @@ class Controller:
     def plan_observed(self, desired: Desired, *, destroy: bool = False) -> tuple[Plan, Observation]:
         """The plan and the observation it was made from."""
         started = time.perf_counter()
-        observation = self.observe()
+        observation, unavailable = self.observe_available()
         observed_s = time.perf_counter() - started
         the_plan = plan(
             desired,
@@ -182,6 +192,7 @@ class Controller:
             conflicts=self.conflicts(desired, observation),
             destroy=destroy,
             defaults=self.host_defaults(),
+            unavailable=unavailable,
         )
         if not destroy:
             the_plan.errors.extend(self.host_problems(desired))
@@ -195,6 +206,7 @@ class Controller:
             observe_s=round(observed_s, 4),
             plan_s=round(time.perf_counter() - started - observed_s, 4),
             errors=len(the_plan.errors),
+            unknown=len(the_plan.unknown),
             **{a.value: n for a, n in the_plan.counts().items()},
         )
         return the_plan, observation
@@ -297,15 +309,17 @@ class Controller:
 
     def status(self, desired: Desired | None) -> list[StatusRow]:
         """Every resource (of the manifests, and every object we own) with its state."""
-        observation = self.observe()
+        observation, unavailable = self.observe_available()
         last = self.journal.last_changes()
         rows: list[StatusRow] = []
         planned: dict[Key, Change] = {}
+        unknown: dict[Key, str] = {}
         conflict_keys = self.conflicts(desired, observation) if desired is not None else {}
         if desired is not None:
             the_plan = plan(desired, observation, self.graph(desired), conflicts=conflict_keys,
-                            defaults=self.host_defaults())
+                            defaults=self.host_defaults(), unavailable=unavailable)
             planned = {c.key: c for c in the_plan}
+            unknown = the_plan.unknown
         hosts: dict[Key, Mapping[str, str]] = {}
         orphaned: set[Key] = set()
         for obs in observation.owned:
@@ -313,8 +327,12 @@ class Controller:
             if obs.mark.orphaned:
                 orphaned.add(obs.key)
         keys = set(hosts) | set(planned) | set(conflict_keys)
-        for key in sorted(keys):
+        for key in sorted(keys | set(unknown)):
             prev = last.get((key.kind, key.tenant, key.name))
+            if key in unknown:
+                rows.append(StatusRow(key.kind, key.tenant, key.name, "unknown", hosts.get(key, {}),
+                                      unknown[key], None))
+                continue
             error = prev.error if prev and prev.outcome != "applied" else None
             change = planned.get(key)
             state, detail = _state(key, change, key in hosts, key in orphaned, key in conflict_keys, error)

@@ -462,10 +462,13 @@ def test_a_host_that_cannot_be_observed_backs_off_and_the_revision_waits(tmp_pat
     daemon = Daemon(lambda: config, DirSource(cloud), options=DaemonOptions(backoff=Backoff(1.0, 8.0)),
                     clock=clock, make_controller=lambda c: Controller(c, {k: driver for k in KINDS}), watch=False)
     driver.down = True
-    report = daemon.step()
-    assert "the service is down" in report.error
-    assert daemon.journal.events()[0]["reason"] == "ReconcileFailed"
-    assert daemon.step() is None  # backing off: no hot loop on the new revision
+    report = daemon.step()  # nothing can be observed: every resource waits, and backs off
+    assert report.error is None and report.result is None
+    assert set(report.held) == set(daemon.current.desired.resources)
+    assert {e["reason"] for e in daemon.journal.events()} >= {"CannotObserve"}
+    rows = daemon.journal.resources()
+    assert rows and all(r.state == "failed" and "the service is down" in (r.error or "") for r in rows.values()), rows
+    assert daemon.step() is None  # backing off: no hot loop
     driver.down, driver.bug = False, True
     clock.advance(1)
     report = daemon.step()  # an internal error is caught and backs off too

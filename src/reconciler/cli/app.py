@@ -151,15 +151,25 @@ def plan(
             render_plan(out, the_plan)
         if the_plan.errors:
             return 1
+        if the_plan.unknown:
+            _warn_unknown(the_plan)
         if out_file is not None:
             _save_plan(the_plan, out_file)
             if not as_json:
                 out.print(f"Saved the plan to {out_file}; apply it exactly with: reconciler apply {out_file}")
+        if the_plan.unknown:
+            return 1
         if detailed_exitcode and the_plan.has_changes:
             return 2
         return 0
 
     _run(body)
+
+
+def _warn_unknown(the_plan: Plan) -> None:
+    err.print(f"Warning: {len(the_plan.unknown)} resource(s) could not be planned: a driver cannot observe "
+              "the host (see 'Not planned' above). The rest can be applied; run again when the service "
+              "is back.", soft_wrap=True)
 
 
 def _save_plan(the_plan: Plan, path: Path) -> None:
@@ -204,12 +214,19 @@ def _plan_and_apply(controller: Controller, paths: list[Path], *, destroy: bool,
         render_plan(out, the_plan)
         if the_plan.errors:
             return 1
+        if the_plan.unknown:
+            _warn_unknown(the_plan)
         if not the_plan.has_changes:
-            return 0
+            return 1 if the_plan.unknown else 0
         if not _confirm("\nDestroy these resources?" if destroy else "\nApply these changes?", yes):
             return 1
         source = None if destroy else ",".join(str(p.resolve()) for p in paths)
-        return _apply_plan(controller, the_plan, parallelism, command, source)
+        code = _apply_plan(controller, the_plan, parallelism, command, source)
+        if the_plan.unknown:
+            err.print(f"Not done: {len(the_plan.unknown)} resource(s) whose driver cannot observe the host; "
+                      f"run {command} again when it is back.", soft_wrap=True)
+            return 1
+        return code
 
 
 @app.command()

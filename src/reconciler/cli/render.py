@@ -56,8 +56,13 @@ def render_plan(console: Console, plan: Plan, *, sensitive_fields: set[str] | No
     if plan.errors:
         render_problems(console, plan.errors, "Planning found errors; nothing can be applied:")
         return
+    if plan.unknown:
+        render_unknown(console, plan)
     if not acting:
-        console.print("No changes. The host matches the manifests.")
+        if plan.unknown:
+            console.print("No changes to what could be observed.")
+        else:
+            console.print("No changes. The host matches the manifests.")
         return
     console.print("Reconciler will perform the following actions:\n")
     for change in acting:
@@ -96,6 +101,15 @@ def render_plan(console: Console, plan: Plan, *, sensitive_fields: set[str] | No
             console.print(Text(f"       !! {warning}", style="bold red"))
         console.print()
     console.print(Text(plan.summary(), style="bold"))
+
+
+def render_unknown(console: Console, plan: Plan) -> None:
+    """The resources left out of the plan because a driver could not observe the host."""
+    console.print(Text(f"Not planned: {len(plan.unknown)} resource(s) whose state cannot be observed now "
+                       "(planned again when the service is back):", style="bold yellow"))
+    for key, why in sorted(plan.unknown.items()):
+        console.print(Text(f"    ? {key.display}: {why}", style="yellow"), soft_wrap=True)
+    console.print()
 
 
 def _render_attributes(console: Console, change: Change, style: str) -> None:
@@ -151,7 +165,7 @@ def render_result(console: Console, result: ApplyResult) -> None:
 
 STATE_STYLE = {"ready": "green", "drifted": "yellow", "pending": "yellow", "missing": "yellow",
                "progressing": "blue", "waiting": "yellow", "suspended": "magenta",
-               "failed": "red", "conflict": "red", "orphaned": "cyan"}
+               "failed": "red", "conflict": "red", "orphaned": "cyan", "unknown": "yellow"}
 
 
 def short_revision(revision: str | None) -> str:

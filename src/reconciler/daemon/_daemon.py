@@ -90,6 +90,7 @@ class _Held:
     state: str
     detail: str
     error: str | None = None
+    reason: str = "CannotPlan"  # the event's reason when it holds a resource back
 
 
 @dataclass(slots=True)
@@ -491,7 +492,9 @@ class Daemon:
                                     appliedSummary=rev.snapshot.summary or None,
                                     manifests=str(rev.snapshot.root), manifestsDisplay=rev.snapshot.display_root)
             self.metrics.set_revision(rev.snapshot.revision)
-            outcome = "ok" if result is None or result.ok else "with failures"
+            outcome = ("ok" if result is None or result.ok else "with failures") + (
+                f"; {len(the_plan.unknown)} resource(s) wait for a driver that cannot observe"
+                if the_plan.unknown else "")
             self._event("info", "RevisionApplied",
                         f"revision {_short(rev.snapshot.revision)} applied ({outcome})"
                         + (f": {rev.snapshot.summary}" if rev.snapshot.summary else ""),
@@ -539,6 +542,8 @@ class Daemon:
             elif is_drift and policy == "report":
                 held[key] = _Held(DRIFTED, f"drift reported, not healed (drift: report): {change.reason}")
         self._drifted = drift
+        for key, why in the_plan.unknown.items():  # its driver cannot observe (a service down)
+            held[key] = _Held(FAILED, "not reconciled: its state cannot be observed now", why, "CannotObserve")
         # what comes after a held change waits with it
         by_id = {c.id: c for c in the_plan.actionable}
         succ: dict[str, list[str]] = defaultdict(list)
@@ -638,7 +643,7 @@ class Daemon:
                 continue
             if h.state == FAILED and h.error and key not in self.queue:
                 if self._errors.get(key) != h.error:
-                    self._event("error", "CannotPlan", h.error, resource=str(key), revision=revision)
+                    self._event("error", h.reason, h.error, resource=str(key), revision=revision)
                 self._errors[key] = h.error
                 self.queue.failed(key)  # looked at again (with backoff) while the problem lasts
             rows[key] = self._row(key, h.state, h.detail, h.error or self._errors.get(key),

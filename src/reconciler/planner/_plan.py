@@ -126,6 +126,9 @@ class Plan:
     edges: list[tuple[str, str]] = field(default_factory=list)
     #: problems found while planning (conflicts, refused shrinks): the plan cannot apply
     errors: list[Problem] = field(default_factory=list)
+    #: resources not planned because their driver (or one they wait for) could not
+    #: observe the host (a service down): key -> why. The rest of the plan applies.
+    unknown: dict[Key, str] = field(default_factory=dict)
     destroy: bool = False
     created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
@@ -153,6 +156,8 @@ class Plan:
         ]
         if n[Action.ORPHAN]:
             parts.append(f"{n[Action.ORPHAN]} to orphan (retained)")
+        if self.unknown:
+            parts.append(f"{len(self.unknown)} not planned (cannot observe)")
         return "Plan: " + ", ".join(parts) + "."
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
@@ -162,6 +167,8 @@ class Plan:
             "destroy": self.destroy,
             "summary": {a.value: self.counts()[a] for a in Action},
             "errors": [str(p) for p in self.errors],
+            "unknown": [{"kind": k.kind, "tenant": k.tenant, "name": k.name, "reason": why}
+                        for k, why in sorted(self.unknown.items())],
             "changes": [c.to_dict(redact) for c in self.changes],
             "edges": [list(e) for e in self.edges],
         }
@@ -184,4 +191,5 @@ class Plan:
             edges=[(a, b) for a, b in data.get("edges", [])],
             destroy=bool(data.get("destroy", False)),
             created_at=data.get("createdAt", ""),
+            unknown={Key(u["kind"], u["tenant"], u["name"]): u["reason"] for u in data.get("unknown", [])},
         )

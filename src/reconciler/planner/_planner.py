@@ -11,6 +11,10 @@ For every resource the planner decides one action:
   `deletionPolicy` is Retain (a Tenant is orphaned while retained objects remain);
 - `destroy=True`: every resource of the manifests that is on the host is deleted or
   orphaned by its `deletionPolicy`; nothing else is touched.
+- a kind whose driver could not observe the host (`unavailable`: a service down) is not
+  planned: its resources are `unknown`, and so are the changes that could touch what
+  they hold (what depends on them; the removal of kinds they may use). Everything else
+  is planned as usual.
 
 Ordering edges between changes (data in the plan, so a saved plan keeps them):
 creates and updates after the creates and updates of what they reference now; deletes
@@ -48,13 +52,17 @@ def plan(
     conflicts: Mapping[Key, Unowned] | None = None,
     destroy: bool = False,
     defaults: Mapping[str, Mapping[str, Any]] | None = None,
+    unavailable: Mapping[str, str] | None = None,
 ) -> Plan:
     """The changes that make the host match `desired` (or, with `destroy`, remove it).
 
     `defaults`: per kind, the host's values for fields a manifest leaves to the host
-    (e.g. a volume's backend), filled in when an object is created."""
+    (e.g. a volume's backend), filled in when an object is created. `unavailable`: kind
+    -> why its driver could not observe (those resources are not planned)."""
     graph = build_graph(desired) if graph is None else graph
     conflicts = conflicts or {}
+    unavailable = unavailable or {}
+    unknown: dict[Key, str] = {}
     owned = _group(observation.owned, desired)
     errors: list[Problem] = []
     changes: dict[Key, Change] = {}
@@ -66,6 +74,9 @@ def plan(
 
     for key in sorted(desired.resources):
         res = desired.resources[key]
+        if key.kind in unavailable:
+            unknown[key] = unavailable[key.kind]
+            continue
         found = owned.get(key, [])
         if destroy:
             if found:
@@ -87,8 +98,43 @@ def plan(
             changes[key] = _removal(key, found, policy, "removed from the manifests", None)
 
     _retain_tenants(changes, owned)
+    if unavailable:
+        _hold_unobservable(changes, unknown, graph, unavailable)
     edges = _edges(changes, graph)
-    return Plan(changes=_ordered(changes, edges), edges=edges, errors=errors, destroy=destroy)
+    return Plan(changes=_ordered(changes, edges), edges=edges, errors=errors, destroy=destroy, unknown=unknown)
+
+
+#: the kinds each kind can name in its spec (the `reference` rule), besides its Tenant
+USES: Mapping[str, frozenset[str]] = {
+    "Instance": frozenset({"Image", "Network", "SecurityGroup", "Volume"}),
+    "Router": frozenset({"Network"}),
+    "SecurityGroup": frozenset({"SecurityGroup"}),
+}
+
+
+def _hold_unobservable(changes: dict[Key, Change], unknown: dict[Key, str], graph: nx.DiGraph,
+                       unavailable: Mapping[str, str]) -> None:
+    """Move to `unknown` the changes that could touch what an unobservable driver holds:
+    creates and updates of what depends on an unknown resource, and removals and
+    replacements of kinds an object we cannot see may use (a guest we cannot see may
+    still be on the bridge a delete would remove)."""
+    down = set(unknown)
+    for key, change in sorted(changes.items()):
+        if change.action is Action.NOOP:
+            continue
+        why = None
+        if change.action in (Action.DELETE, Action.REPLACE):
+            users = sorted(k for k in unavailable if key.kind in USES.get(k, frozenset()) | {"Tenant"})
+            if users:
+                why = (f"not {change.action.value}d now: a {users[0]} we cannot see may still use it "
+                       f"({unavailable[users[0]]})")
+        if why is None and key in graph:
+            waits = sorted(down & nx.ancestors(graph, key))
+            if waits:
+                why = f"waits for {waits[0].display}: {unknown[waits[0]]}"
+        if why is not None:
+            unknown[key] = why
+            del changes[key]
 
 
 # --- per resource ---------------------------------------------------------------------
