@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import networkx as nx
 import structlog
@@ -18,7 +18,7 @@ import structlog
 from reconciler.dependencies import build_graph
 from reconciler.drivers.base import Admitting, Adopting, Attachable, Defaulting, Describing, Driver, Validating
 from reconciler.drivers.registry import build_drivers
-from reconciler.errors import Problem, ReconcilerError, ValidationFailed, format_path
+from reconciler.errors import JournalError, Problem, ReconcilerError, ValidationFailed, format_path
 from reconciler.executor import NOT_STARTED, ApplyResult, Executor, Outcome, observe_all, observe_each
 from reconciler.hostconfig import HostConfig
 from reconciler.journal import Journal
@@ -226,14 +226,27 @@ class Controller:
     ) -> ApplyResult:
         """Apply a plan (the caller holds the lock) and journal the outcome."""
         journal = self.journal
-        apply_id = journal.begin(command, source, revision)
+        apply_id = journal.begin(command, source, revision)  # a journal that cannot record: nothing runs
+        unrecorded: list[tuple[Any, ...]] = []  # kept while the journal cannot take them
+        journal_error: list[str] = []
+
+        def record() -> None:
+            while unrecorded and not journal_error:
+                try:
+                    journal.record_change(*unrecorded[0])
+                except JournalError as exc:  # locked or disk full mid-apply: the changes go on
+                    journal_error.append(str(exc))
+                    log.warning("the journal cannot record changes; kept until the apply ends", error=str(exc))
+                    return
+                unrecorded.pop(0)
 
         def done(outcome: Outcome) -> None:
             c = outcome.change
             log.info("change", change=c.id, action=c.action.value, outcome=outcome.status,
                      error=outcome.error, duration_s=round(outcome.duration_s, 4))
-            journal.record_change(apply_id, c.key.kind, c.key.tenant, c.key.name, c.action.value,
-                                  outcome.status, outcome.error, outcome.duration_s)
+            unrecorded.append((apply_id, c.key.kind, c.key.tenant, c.key.name, c.action.value,
+                               outcome.status, outcome.error, outcome.duration_s))
+            record()
             if on_done:
                 on_done(outcome)
 
@@ -242,7 +255,10 @@ class Controller:
         try:
             result = executor.apply(the_plan)
         except BaseException:
-            journal.finish(apply_id, "error", 0.0, {})
+            try:
+                journal.finish(apply_id, "error", 0.0, {})
+            except JournalError as exc:
+                log.error("the journal could not record this apply", apply_id=apply_id, error=str(exc))
             raise
         counts = {
             "created": _n(result, Action.CREATE),
@@ -254,8 +270,17 @@ class Controller:
             "skipped": sum(1 for o in result.outcomes if o.status == "skipped"),
         }
         stopped = any(o.error == NOT_STARTED for o in result.outcomes)
-        journal.finish(apply_id, "ok" if result.ok else "stopped" if stopped else "failed",
-                       result.duration_s, counts)
+        journal_error.clear()  # one more try for what was kept, and the apply's end
+        try:
+            record()
+            if journal_error:
+                raise JournalError(journal_error[0])
+            journal.finish(apply_id, "ok" if result.ok else "stopped" if stopped else "failed",
+                           result.duration_s, counts)
+        except JournalError as exc:
+            result.journal_error = str(exc)
+            log.error("the journal could not record this apply", apply_id=apply_id, error=str(exc),
+                      unrecorded=len(unrecorded))
         log.info("applied", command=command, apply_id=apply_id, ok=result.ok,
                  duration_s=round(result.duration_s, 4), **counts)
         return result

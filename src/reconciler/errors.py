@@ -65,6 +65,11 @@ class LockTimeout(ReconcilerError):
     """Another reconciler holds the host lock."""
 
 
+class JournalError(ReconcilerError):
+    """The journal (SQLite under the state directory) cannot be read or written: locked
+    by another process, or its disk is full."""
+
+
 class StalePlan(ReconcilerError):
     """A saved plan no longer matches the host."""
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping, TypeVar
 
 import structlog
 
+from reconciler import faults
 from reconciler.drivers.base import Driver, Laned
 from reconciler.errors import DriverError, StalePlan, TransientError
 from reconciler.models import Key
@@ -50,6 +51,8 @@ class Outcome:
 class ApplyResult:
     outcomes: list[Outcome] = field(default_factory=list)
     duration_s: float = 0.0
+    #: the journal could not record this apply (locked, disk full): why; the host changed
+    journal_error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -277,6 +280,8 @@ class Executor:
             self._act(change, drv, attempts)
         except DriverError as exc:
             return Outcome(change, FAILED, f"{type(exc).__name__}: {exc}", self.clock() - started, attempts[0])
+        except OSError as exc:  # the host's own state (a full disk, a missing file): no bug, say what
+            return Outcome(change, FAILED, f"{type(exc).__name__}: {exc}", self.clock() - started, attempts[0])
         except Exception as exc:  # noqa: BLE001 - a driver bug must not stop the others
             log.exception("driver raised an untranslated error", change=change.id)
             return Outcome(change, FAILED, f"internal error in driver {drv.name}: {type(exc).__name__}: {exc}",
@@ -284,35 +289,35 @@ class Executor:
         return Outcome(change, APPLIED, None, self.clock() - started, attempts[0])
 
     def _act(self, change: Change, drv: Driver, attempts: list[int]) -> None:
-        def retry(fn: Callable[[], T]) -> T:
-            return self._with_retries(fn, attempts)
+        def retry(verb: str, fn: Callable[[], T]) -> T:
+            return self._with_retries(lambda: _numbered(f"{verb} {change.key}", fn), attempts)
 
         action = change.action
         target = self._with_related(change.target)
         if action is Action.CREATE:
             assert target is not None
-            self._record(retry(lambda: drv.create(target)))
+            self._record(retry("create", lambda: drv.create(target)))
         elif action is Action.UPDATE:
             assert target is not None and change.primary is not None
             primary = change.primary
-            self._record(retry(lambda: drv.update(target, primary, change.diffs)))
+            self._record(retry("update", lambda: drv.update(target, primary, change.diffs)))
             for dup in change.duplicates:
-                retry(lambda dup=dup: drv.delete(dup))  # type: ignore[misc]
+                retry("delete", lambda dup=dup: drv.delete(dup))  # type: ignore[misc]
         elif action is Action.REPLACE:
             assert target is not None
             if change.create_before_destroy:
-                self._record(retry(lambda: drv.create(target)))
+                self._record(retry("create", lambda: drv.create(target)))
             for old in change.observed:
-                retry(lambda old=old: drv.delete(old))  # type: ignore[misc]
+                retry("delete", lambda old=old: drv.delete(old))  # type: ignore[misc]
             if not change.create_before_destroy:
-                self._record(retry(lambda: drv.create(target)))
+                self._record(retry("create", lambda: drv.create(target)))
         elif action is Action.DELETE:
             for old in change.observed:
-                retry(lambda old=old: drv.delete(old))  # type: ignore[misc]
+                retry("delete", lambda old=old: drv.delete(old))  # type: ignore[misc]
         elif action is Action.ORPHAN:
             for old in change.observed:
                 if not old.mark.orphaned:
-                    retry(lambda old=old: drv.orphan(old))  # type: ignore[misc]
+                    retry("orphan", lambda old=old: drv.orphan(old))  # type: ignore[misc]
 
     def _with_related(self, target: Target | None) -> Target | None:
         """The target with the current host objects of the resources it references."""
@@ -382,6 +387,16 @@ def _differs(change: Change, found: list[Observed]) -> str | None:
     if obs.drift:
         return "still broken on the host: " + "; ".join(obs.drift)
     return None
+
+
+def _numbered(what: str, fn: Callable[[], T]) -> T:
+    """One driver call that changes the host, numbered for the fault points `call:N`
+    (see `faults`): a crash-safety test can stop the process just before or after it."""
+    number = faults.call_started(what)
+    try:
+        return fn()
+    finally:
+        faults.call_returned(number, what)
 
 
 def _descendants(start: str, succ: Mapping[str, list[str]]) -> set[str]:

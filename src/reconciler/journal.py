@@ -12,10 +12,12 @@ import datetime as _dt
 import json
 import os
 import sqlite3
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
+
+from reconciler.errors import JournalError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS applies (
@@ -85,6 +87,9 @@ MIGRATIONS = (("applies", "pid", "INTEGER"),)
 #: events kept (older ones are pruned as new ones come)
 EVENTS_KEPT = 1000
 
+#: seconds a call waits for another process's lock on the journal before it gives up
+LOCK_WAIT_S = 10.0
+
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
@@ -120,8 +125,11 @@ class Journal:
 
     def __init__(self, state_dir: str | os.PathLike[str]):
         self.path = Path(state_dir) / "journal.sqlite3"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db, db:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JournalError(f"cannot create the state directory {self.path.parent}: {exc.strerror}") from None
+        with self._db() as db, db:
             db.executescript(SCHEMA)
             for table, column, definition in MIGRATIONS:
                 have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
@@ -130,12 +138,29 @@ class Journal:
         os.chmod(self.path, 0o600)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=10)
+        db = sqlite3.connect(self.path, timeout=LOCK_WAIT_S)
         db.row_factory = sqlite3.Row
         return db
 
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """A connection for one call; SQLite's errors become a JournalError that says what
+        is wrong (locked by another process, disk full) instead of a traceback."""
+        try:
+            with closing(self._connect()) as db:
+                yield db
+        except sqlite3.Error as exc:
+            text = str(exc)
+            if "locked" in text or "busy" in text:
+                why = f"is locked by another process (waited {LOCK_WAIT_S:g} s): {text}"
+            elif "full" in text:
+                why = f"cannot be written: {text} (free space on {self.path.parent}'s file system)"
+            else:
+                why = f"cannot be used: {text}"
+            raise JournalError(f"the journal {self.path} {why}") from None
+
     def begin(self, command: str, source: str | None = None, revision: str | None = None) -> int:
-        with closing(self._connect()) as db, db:
+        with self._db() as db, db:
             cur = db.execute(
                 "INSERT INTO applies (command, source, revision, started_at, pid) VALUES (?, ?, ?, ?, ?)",
                 (command, source, revision, now_iso(), os.getpid()),
@@ -146,7 +171,7 @@ class Journal:
         """Applies whose process died before finishing (SIGKILL, a crash) are closed as
         `interrupted`: their recorded changes stand, the rest never happened. Returns how
         many were closed."""
-        with closing(self._connect()) as db, db:
+        with self._db() as db, db:
             rows = db.execute("SELECT id, pid FROM applies WHERE finished_at IS NULL").fetchall()
             dead = [r["id"] for r in rows if r["pid"] is None or not pid_alive(int(r["pid"]))]
             db.executemany("UPDATE applies SET finished_at=?, outcome='interrupted' WHERE id=?",
@@ -155,7 +180,7 @@ class Journal:
 
     def record_change(self, apply_id: int, kind: str, tenant: str, name: str, action: str,
                       outcome: str, error: str | None, duration_s: float) -> None:
-        with closing(self._connect()) as db, db:
+        with self._db() as db, db:
             db.execute(
                 "INSERT INTO changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (apply_id, kind, tenant, name, action, outcome, error, duration_s, now_iso()),
@@ -163,7 +188,7 @@ class Journal:
 
     def finish(self, apply_id: int, outcome: str, duration_s: float, counts: dict[str, int]) -> None:
         cols = ("created", "updated", "replaced", "deleted", "orphaned", "failed", "skipped")
-        with closing(self._connect()) as db, db:
+        with self._db() as db, db:
             db.execute(
                 f"UPDATE applies SET finished_at=?, outcome=?, duration_s=?, "
                 f"{', '.join(f'{c}=?' for c in cols)} WHERE id=?",
@@ -171,12 +196,12 @@ class Journal:
             )
 
     def applies(self, limit: int = 10) -> list[dict[str, Any]]:
-        with closing(self._connect()) as db:
+        with self._db() as db:
             rows = db.execute("SELECT * FROM applies ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [dict(r) for r in rows]
 
     def last_source(self) -> str | None:
-        with closing(self._connect()) as db:
+        with self._db() as db:
             row = db.execute(
                 "SELECT source FROM applies WHERE source IS NOT NULL AND command = 'apply' "
                 "ORDER BY id DESC LIMIT 1"
@@ -184,7 +209,7 @@ class Journal:
         return row["source"] if row else None
 
     def changes_of(self, apply_id: int) -> list[dict[str, Any]]:
-        with closing(self._connect()) as db:
+        with self._db() as db:
             rows = db.execute("SELECT * FROM changes WHERE apply_id = ? ORDER BY rowid", (apply_id,)).fetchall()
         return [dict(r) for r in rows]
 
@@ -192,7 +217,7 @@ class Journal:
 
     def event(self, level: str, reason: str, message: str, resource: str | None = None,
               revision: str | None = None) -> None:
-        with closing(self._connect()) as db, db:
+        with self._db() as db, db:
             cur = db.execute(
                 "INSERT INTO events (at, level, reason, resource, message, revision) VALUES (?, ?, ?, ?, ?, ?)",
                 (now_iso(), level, reason, resource, message, revision),
@@ -201,13 +226,13 @@ class Journal:
                 db.execute("DELETE FROM events WHERE id <= ?", (int(cur.lastrowid or 0) - EVENTS_KEPT,))
 
     def events(self, limit: int = 20) -> list[dict[str, Any]]:
-        with closing(self._connect()) as db:
+        with self._db() as db:
             rows = db.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [dict(r) for r in rows]
 
     def set_daemon(self, **values: Any) -> None:
         """Record daemon facts (JSON values; None removes one)."""
-        with closing(self._connect()) as db, db:
+        with self._db() as db, db:
             for name, value in values.items():
                 if value is None:
                     db.execute("DELETE FROM daemon WHERE name = ?", (name,))
@@ -216,7 +241,7 @@ class Journal:
                                (name, json.dumps(value)))
 
     def daemon(self) -> dict[str, Any]:
-        with closing(self._connect()) as db:
+        with self._db() as db:
             rows = db.execute("SELECT name, value FROM daemon").fetchall()
         return {r["name"]: json.loads(r["value"]) for r in rows}
 
@@ -224,36 +249,36 @@ class Journal:
         """Record resource states (with `replace`, these are all there are)."""
         rows = [(s.kind, s.tenant, s.name, s.state, s.revision, s.detail, s.error, s.next_retry,
                  s.failures, s.updated_at or now_iso()) for s in states]
-        with closing(self._connect()) as db, db:
+        with self._db() as db, db:
             if replace:
                 db.execute("DELETE FROM resources")
             db.executemany("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def resources(self) -> dict[tuple[str, str, str], ResourceState]:
-        with closing(self._connect()) as db:
+        with self._db() as db:
             rows = db.execute("SELECT * FROM resources").fetchall()
         return {(r["kind"], r["tenant"], r["name"]): ResourceState(**dict(r)) for r in rows}
 
     def suspend(self, target: str) -> bool:
         """Suspend a target ("*", a tenant, or KIND/TENANT/NAME); False if it already was."""
-        with closing(self._connect()) as db, db:
+        with self._db() as db, db:
             cur = db.execute("INSERT OR IGNORE INTO suspensions (target, since) VALUES (?, ?)",
                              (target, now_iso()))
             return cur.rowcount > 0
 
     def resume(self, target: str) -> bool:
-        with closing(self._connect()) as db, db:
+        with self._db() as db, db:
             return db.execute("DELETE FROM suspensions WHERE target = ?", (target,)).rowcount > 0
 
     def suspensions(self) -> dict[str, str]:
         """Suspended target -> since when."""
-        with closing(self._connect()) as db:
+        with self._db() as db:
             rows = db.execute("SELECT target, since FROM suspensions ORDER BY target").fetchall()
         return {r["target"]: r["since"] for r in rows}
 
     def last_changes(self) -> dict[tuple[str, str, str], LastChange]:
         """The latest recorded change of every resource."""
-        with closing(self._connect()) as db:
+        with self._db() as db:
             rows = db.execute(
                 "SELECT c.* FROM changes c JOIN (SELECT kind, tenant, name, MAX(rowid) AS r "
                 "FROM changes GROUP BY kind, tenant, name) m ON c.rowid = m.r"

@@ -200,6 +200,11 @@ def _apply_plan(controller: Controller, the_plan: Plan, parallelism: int, comman
         on_done=lambda o: render_outcome(out, o),
     )
     render_result(out, result)
+    if result.journal_error:
+        err.print(f"Warning: {result.journal_error}. The host was changed as shown above; the journal's "
+                  "record of this apply is incomplete (status and the next plan read the host itself).",
+                  soft_wrap=True)
+        return 1
     return 0 if result.ok else 1
 
 

@@ -40,9 +40,10 @@ from reconciler.controller import Controller
 from reconciler.daemon._clock import Clock, SystemClock
 from reconciler.daemon._metrics import Metrics
 from reconciler.daemon._queue import Backoff, WorkQueue
+from reconciler.daemon._record import Record
 from reconciler.daemon._sources import Snapshot, Source, SourceError
 from reconciler.drivers.base import Watch, Watching
-from reconciler.errors import LockTimeout, Problem, ReconcilerError
+from reconciler.errors import JournalError, LockTimeout, Problem, ReconcilerError
 from reconciler.executor import APPLIED, NOT_STARTED, SKIPPED, ApplyResult
 from reconciler.hostconfig import HostConfig
 from reconciler.journal import Journal, ResourceState, now_iso
@@ -128,7 +129,7 @@ class Daemon:
         self.make_controller = make_controller
         self.watch_host = watch
         self.controller = make_controller(load_config())
-        self.journal = Journal(self.controller.config.stateDir)
+        self.journal = Record(Journal(self.controller.config.stateDir), self.clock)
         self.queue: WorkQueue[Key] = WorkQueue(self.clock, backoff=options.backoff, resync_s=options.resync_s)
         self.current: _Revision | None = None
         self.candidate: _Revision | None = None
@@ -405,7 +406,13 @@ class Daemon:
 
     def _refresh_suspensions(self) -> None:
         before = self._suspended
-        self._suspended = self.journal.suspensions()
+        try:
+            self._suspended = self.journal.suspensions()
+        except JournalError as exc:  # the old ones stay in force; asked again at the next pass
+            log.warning("suspensions not read again: the journal cannot be read", error=str(exc))
+            with self._flags_lock:
+                self._refresh_requested = True
+            return
         changed = set(before) ^ set(self._suspended)
         for key in self._all_keys():
             if any(_matches(t, key) for t in changed):
