@@ -29,7 +29,8 @@ def record(suite: str, **figures: Any) -> None:
     """Merge `figures` (JSON values) into DIR/<suite>.json when RECONCILER_FIGURES=DIR.
 
     Numbers are added to what an earlier test of the same run recorded under the same
-    key (so several tests can count into one figure); anything else replaces it.
+    key (so several tests can count into one figure), lists are joined; anything else
+    replaces it.
     """
     where = os.environ.get("RECONCILER_FIGURES")
     if not where:
@@ -43,6 +44,8 @@ def record(suite: str, **figures: Any) -> None:
             old = data.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) \
                     and isinstance(old, (int, float)) and not isinstance(old, bool):
+                data[key] = old + value
+            elif isinstance(value, list) and isinstance(old, list):
                 data[key] = old + value
             else:
                 data[key] = value

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from reconciler.errors import LockTimeout
+from reconciler.errors import LockTimeout, ReconcilerError
 
 
 class HostLock:
@@ -36,8 +36,11 @@ class HostLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ReconcilerError(f"cannot open the host lock {self.path}: {exc.strerror}") from None
         deadline = self.clock() + self.timeout_s
         while True:
             try:
@@ -53,8 +56,11 @@ class HostLock:
                         "Wait for it to finish, or raise --lock-timeout."
                     ) from None
                 self.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {self.what}\n".encode(), 0)
+        try:  # who holds it, for the message of the next one that waits: a courtesy
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}: {self.what}\n".encode(), 0)
+        except OSError:  # a full disk: the lock is held all the same
+            pass
         self._fd = fd
 
     def holder(self) -> str:
@@ -67,7 +73,10 @@ class HostLock:
     def release(self) -> None:
         if self._fd is not None:
             try:
-                os.ftruncate(self._fd, 0)
+                try:
+                    os.ftruncate(self._fd, 0)
+                except OSError:
+                    pass
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             finally:
                 os.close(self._fd)

@@ -91,6 +91,9 @@ def _run(fn: Callable[[], int | None]) -> None:
     except ReconcilerError as exc:
         err.print(f"Error: {exc}", soft_wrap=True)
         code = 1
+    except OSError as exc:  # the host's own state (a full disk, a missing file): said, not a traceback
+        err.print(f"Error: {exc}", soft_wrap=True)
+        code = 1
     except KeyboardInterrupt:
         err.print("Interrupted.")
         code = 130

@@ -242,6 +242,11 @@ class Daemon:
         finally:
             self.journal.set_daemon(stoppedAt=now_iso())
             self._event("info", "Stopped", "the daemon stopped")
+            self.journal.flush(force=True)
+            if self.journal.pending:
+                log.error("the journal could not be written before the daemon stopped; its last records "
+                          "are lost (the host itself is as the log says)", error=self.journal.error,
+                          lost=self.journal.pending)
 
     def _wait_s(self) -> float:
         wait = min(self.queue.due_in(), self.options.heartbeat_s)

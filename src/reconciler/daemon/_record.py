@@ -54,8 +54,10 @@ class Record:
     def pending(self) -> int:
         return bool(self._daemon) + len(self._events) + len(self._resources)
 
-    def flush(self) -> None:
-        if self.error is not None and self.clock.now() < self._retry_at:
+    def flush(self, force: bool = False) -> None:
+        """Write what is kept (at most every `retry_s` while the journal refuses, unless
+        `force`: the last chance, at shutdown)."""
+        if self.error is not None and self.clock.now() < self._retry_at and not force:
             return
         try:
             if self._daemon:
