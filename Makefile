@@ -8,7 +8,7 @@ DEMO_CONFIG := hostconfig/demo.yaml
 DEMO_STATE := /var/lib/reconciler/demo
 DEMO_MEMORY_CONFIG := hostconfig/demo-memory.yaml
 
-.PHONY: setup services test test-fast lint-imports schemas docs demo demo-clean demo-memory demo-memory-clean bench clean
+.PHONY: setup services test test-fast lint-imports schemas docs demo demo-clean demo-memory demo-memory-clean bench reliability reliability-ci clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,24 @@ services: setup
 ## The whole test suite (what CI runs).
 test: setup services
 	$(VENV)/bin/lint-imports --config .importlinter
-	RECONCILER_REQUIRE_HOST=$$( [ "$$(id -u)" = 0 ] && echo 1 ) $(PY) -m pytest -q -n 2 --dist loadfile tests
+	RECONCILER_REQUIRE_HOST=$$( [ "$$(id -u)" = 0 ] && echo 1 ) $(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" tests
+	RECONCILER_REQUIRE_HOST=$$( [ "$$(id -u)" = 0 ] && echo 1 ) $(PY) -m pytest -q -m serial tests
+
+## The reliability suites (crash points, faults, generated bad input, ownership,
+## isolation, secrets; root, `make services`) at release counts: 100 kill points each for
+## apply and destroy, 20,000 generated manifests, ... (CI runs them at reduced counts as
+## part of `make test`). Their figures go to docs/reliability.md.
+RELIABILITY_FIGURES := $(CURDIR)/.reliability
+reliability: services
+	@$(MAKE) --no-print-directory _reliability LEVEL=release
+reliability-ci: services
+	@$(MAKE) --no-print-directory _reliability LEVEL=ci
+_reliability:
+	rm -rf $(RELIABILITY_FIGURES)
+	start=$$(date +%s); \
+	RECONCILER_RELIABILITY=$(LEVEL) RECONCILER_FIGURES=$(RELIABILITY_FIGURES) RECONCILER_REQUIRE_HOST=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "reliability and not serial" tests && \
+	RECONCILER_RELIABILITY=$(LEVEL) RECONCILER_FIGURES=$(RELIABILITY_FIGURES) RECONCILER_REQUIRE_HOST=1 $(PY) -m pytest -q -m "reliability and serial" tests && \
+	$(PY) scripts/reliability_report.py $(RELIABILITY_FIGURES) docs/reliability.md --duration $$(( $$(date +%s) - start ))
 
 test-fast: setup
 	$(PY) -m pytest -q -x tests/unit
