@@ -37,12 +37,13 @@ def _answers(url: str) -> bool:
 
 
 class Proxy:
-    """A swift-proxy-server of the test's own on PORT (started, stopped, restarted)."""
+    """A swift-proxy-server of the test's own on `port` (started, stopped, restarted)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, port: int = PORT):
+        self.port = port
         parser = configparser.ConfigParser(interpolation=None)
         parser.read("/etc/swift/proxy-server.conf")
-        parser["DEFAULT"]["bind_port"] = str(PORT)
+        parser["DEFAULT"]["bind_port"] = str(port)
         parser["DEFAULT"]["user"] = "root"
         self.conf = root / "proxy-server.conf"
         with open(self.conf, "w") as f:
@@ -55,7 +56,7 @@ class Proxy:
             self.proc = subprocess.Popen(["swift-proxy-server", str(self.conf), "-v"], stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
-        while not _answers(f"http://127.0.0.1:{PORT}/healthcheck"):
+        while not _answers(f"http://127.0.0.1:{self.port}/healthcheck"):
             assert self.proc.poll() is None, self.log.read_text()[-2000:]
             assert time.monotonic() < deadline, "the test proxy did not answer in 30 s"
             time.sleep(0.2)

@@ -164,3 +164,27 @@ def test_the_daemon_converges_the_rest_and_backs_off_until_the_service_is_back(h
     assert {o.key for o in compute.observe().owned} == instances
     rows = daemon.journal.resources()
     assert all(r.state == "ready" for r in rows.values()), {k: r.state for k, r in rows.items()}
+
+
+def test_the_daemon_doubles_its_backoff_while_a_driver_cannot_observe(host, tmp_path):
+    """Each retry of a resource whose driver cannot observe counts as one more failure:
+    the wait doubles (1, 2, 4 s) and the CannotObserve event is written once, not on
+    every retry."""
+    config, compute, _rest, drivers = host
+    src = tmp_path / "manifests"
+    shutil.copytree(EXAMPLE, src)
+    clock = FakeClock()
+    daemon = Daemon(lambda: config, DirSource(src), options=DaemonOptions(backoff=Backoff(1.0, 64.0)),
+                    clock=clock, make_controller=lambda c: Controller(c, drivers), watch=False)
+    compute.down = True
+    assert daemon.step() is not None
+    web1 = ("Instance", "acme", "web-1")
+    events = [e for e in daemon.journal.events() if e["reason"] == "CannotObserve"]
+    for failures, wait in ((1, 1), (2, 2), (3, 4)):
+        assert daemon.journal.resources()[web1].failures == failures
+        clock.advance(wait - 0.5)
+        assert daemon.step() is None  # not retried before its time
+        clock.advance(0.5)
+        assert daemon.step() is not None
+    assert daemon.journal.resources()[web1].failures == 4
+    assert [e for e in daemon.journal.events() if e["reason"] == "CannotObserve"] == events

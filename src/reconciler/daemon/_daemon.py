@@ -609,7 +609,7 @@ class Daemon:
         revision = rev.snapshot.revision
         self.queue.forget(self._PASS)
         for key in due:
-            if key not in actionable:
+            if key not in actionable and key not in the_plan.unknown:  # unknown: held, backing off
                 self.queue.succeeded(key)
                 self._errors.pop(key, None)
         rows: dict[Key, ResourceState] = {}
