@@ -11,8 +11,11 @@ builds dicts, lists and scalars directly, and bounds what input can cost:
   (:class:`TooLarge`) instead of expanding;
 - keys repeated in one mapping, and keys that are not plain scalars, are problems;
   a key given by a merge is overridden by the mapping's own key silently (YAML's rule);
-- a scalar that does not construct (`2020-13-45` as a timestamp) is a problem, and its
-  text is kept.
+- a scalar that does not construct (`2020-13-45` as a timestamp), or an integer beyond
+  64 bits (`0x` and 6,000 digits would construct, and then fail wherever it is printed), is
+  a problem, and its text is kept;
+- a tag that names no standard YAML type (`!!python/object/apply:...`) is refused on
+  collections as on scalars: nothing but plain data is ever constructed.
 
 Lines: a mapping value's line is its key's line; a list item's line is its own.
 """
@@ -34,6 +37,12 @@ ProblemSink = Callable[[int, str, Path_], None]  # (line, message, path)
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 STR_TAG = "tag:yaml.org,2002:str"
 NULL_TAG = "tag:yaml.org,2002:null"
+INT_TAG = "tag:yaml.org,2002:int"
+INT_RANGE = (-(2**63), 2**63 - 1)  # what every consumer (JSON, SQLite, drivers) can hold
+#: tags a mapping or a sequence may carry (read as plain mappings and lists)
+COLLECTION_TAGS = frozenset(
+    {None, "!"} | {f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "omap", "set", "pairs")}
+)
 _NO_KEY = object()
 _SKIP = object()  # the value of a bad key: read and dropped
 _MERGE = object()  # the value of `<<`
@@ -194,7 +203,7 @@ class _Reader:
             return
         path = top.path + (key,)
         if key in top.own:
-            self.problem(line, f"duplicate key {key!r} (also on line {top.own[key]})", path)
+            self.problem(line, f"duplicate key {_short(key)} (also on line {top.own[key]})", path)
         else:
             top.own[key] = line
         self.entries.append((path, line))
@@ -206,6 +215,10 @@ class _Reader:
     def _start(self, event: Any, is_map: bool) -> None:
         self._charge(1)
         line = event.start_mark.line + 1
+        if event.tag not in COLLECTION_TAGS:
+            raise ConstructorError(
+                None, None, f"could not determine a constructor for the tag {event.tag!r}", event.start_mark
+            )
         if len(self.stack) >= self.max_depth:
             raise TooDeep(line)
         path, is_key = self._place(line)
@@ -298,12 +311,25 @@ class _Reader:
             value = fn(self.constructor, node)
         except ConstructorError:
             raise
-        except (ValueError, KeyError, AttributeError, TypeError, OverflowError):
+        except (ValueError, LookupError, AttributeError, TypeError, OverflowError):  # `!!int ''`: IndexError
+            if tag == INT_TAG and event.tag is None:  # resolved as an int: too many digits
+                return self._out_of_range(event, path, line)
             what = str(tag).rsplit(":", 1)[-1]
-            text = repr(event.value)
-            text = text if len(text) <= 60 else text[:57] + "..."
-            self.problem(line, f"{text} is not a valid {what}; quote it to use it as text", path)
+            self.problem(line, f"{_short(event.value)} is not a valid {what}; quote it to use it as text", path)
             return event.value
+        if isinstance(value, int) and not isinstance(value, bool) \
+                and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+            return self._out_of_range(event, path, line)
         if isinstance(value, bytes | bytearray):
             return value.decode("utf-8", "replace")
         return value
+
+    def _out_of_range(self, event: Any, path: Path_, line: int) -> str:
+        self.problem(line, f"{_short(event.value)} is out of range: integers are limited to 64 bits "
+                           f"({INT_RANGE[0]} to {INT_RANGE[1]})", path)
+        return event.value
+
+
+def _short(text: str) -> str:
+    text = repr(text)
+    return text if len(text) <= 60 else text[:57] + "..."

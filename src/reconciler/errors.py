@@ -12,14 +12,25 @@ from typing import Iterable, Sequence
 
 
 def format_path(path: Sequence[str | int]) -> str:
-    """('spec', 'subnets', 0, 'cidr') -> 'spec.subnets[0].cidr'."""
+    """('spec', 'subnets', 0, 'cidr') -> 'spec.subnets[0].cidr'. A key that is not short
+    printable text (a line break, an RTL override, 5,000 characters) is shown as a
+    shortened Python literal, so an error stays on one line and reads as written."""
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + printable(str(part))
     return out
+
+
+def printable(text: str, limit: int = 60) -> str:
+    """`text` itself when it is printable and at most `limit` characters, else its
+    (shortened) repr: what goes into a one-line message from a user's input."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 @dataclass(frozen=True, slots=True)

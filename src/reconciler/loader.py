@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,14 +20,16 @@ import yaml
 
 from reconciler import API_VERSION
 from reconciler._yamldocs import YAML_LOADER, Document, Path_, TooDeep, TooLarge, read_documents
-from reconciler.errors import Problem, format_path
+from reconciler.errors import Problem, format_path, printable
 from reconciler.models import KINDS, Desired, Key, Resource, Source, document_model
+from reconciler.models._fields import X_SENSITIVE
 from reconciler.models._resource import line_at
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
 MAX_NODES_PER_FILE = 500_000  # bounds alias expansion ("billion laughs") and huge input
 MAX_DEPTH = 100  # nesting levels (deeper is refused, not parsed)
 MANIFEST_SUFFIXES = (".yaml", ".yml")
+_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")  # YAML 1.1's line breaks
 
 
 
@@ -84,7 +87,7 @@ def _parse_file(file: Path, problems: list[Problem]) -> list[_Document]:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         msg = " ".join(str(m) for m in (exc.context, exc.problem) if m)
-        problems.append(Problem(name, line, f"YAML syntax error: {msg}"))
+        problems.append(Problem(name, min(line, _last_line(text)), f"YAML syntax error: {msg}"))
     except yaml.reader.ReaderError as exc:
         before = text[: exc.position] if YAML_LOADER is yaml.SafeLoader else raw[: exc.position]
         line = before.count("\n" if isinstance(before, str) else b"\n") + 1
@@ -112,21 +115,31 @@ def _parse_file(file: Path, problems: list[Problem]) -> list[_Document]:
     return docs
 
 
+def _last_line(text: str) -> int:
+    """The number of a text's last line. An error at the end of the input is reported there:
+    libyaml puts the end of a stream without a final line break on the line after it."""
+    breaks = len(_LINE_BREAK.findall(text))
+    ends = text.endswith(("\n", "\r", "\x85", "\u2028", "\u2029"))
+    return max(1, breaks if ends else breaks + 1)
+
+
 def _suggest(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _friendly(err: dict[str, Any], data: Any) -> str:
-    """A pydantic error in words a user can act on."""
+    """A pydantic error in words a user can act on (never quoting a sensitive field's value)."""
     kind = err["type"]
     loc = err["loc"]
     value = err.get("input")
+    if _sensitive(data, tuple(loc)):
+        value = _Hidden(value)
     if kind == "extra_forbidden":
         field = str(loc[-1])
         allowed = _allowed_fields(data, loc[:-1])
         hint = _suggest(field, allowed)
-        return f"unknown field {field!r}{hint}" + (
+        return f"unknown field {_short(field)}{hint}" + (
             f"; allowed here: {', '.join(sorted(allowed))}" if allowed and not hint else ""
         )
     if kind == "missing":
@@ -157,6 +170,35 @@ def _friendly(err: dict[str, Any], data: Any) -> str:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Hidden:
+    """The value of a sensitive field (userData) in an error: its type, never its text."""
+
+    def __init__(self, value: Any):
+        self.type = type(value).__name__
+
+    def __repr__(self) -> str:
+        return f"a value of type {self.type} (sensitive: not shown)"
+
+
+def _sensitive(data: Any, loc: tuple[Any, ...]) -> bool:
+    """Whether `loc` of a document is in a field declared sensitive (or inside one)."""
+    try:
+        model: Any = document_model(data.get("kind"))
+        for part in loc:
+            if isinstance(part, int):
+                continue
+            info = model.model_fields[part]
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if extra.get(X_SENSITIVE):
+                return True
+            model = _inner_model(info.annotation)
+            if model is None:
+                return False
+    except Exception:  # noqa: BLE001 - unknown kind or path: nothing declared sensitive
+        return False
+    return False
 
 
 def _allowed_fields(data: Any, loc: tuple[Any, ...]) -> set[str]:
@@ -193,10 +235,15 @@ def _resource_label(data: dict[str, Any]) -> str | None:
     meta = data.get("metadata")
     if not isinstance(kind, str) or not isinstance(meta, dict):
         return None
-    name = meta.get("name", "?")
+    name = _label_part(meta.get("name", "?"))
     if kind == "Tenant":
         return f"Tenant {name}"
-    return f"{kind} {meta.get('tenant') or '?'}/{name}"
+    return f"{_label_part(kind)} {_label_part(meta.get('tenant') or '?')}/{name}"
+
+
+def _label_part(value: Any) -> str:
+    """A kind or name in a resource label, kept on one line (it is not validated yet)."""
+    return printable(value, limit=100) if isinstance(value, str) else _short(value)
 
 
 def _key_guess(data: Any) -> Key | None:
@@ -211,11 +258,17 @@ def _key_guess(data: Any) -> Key | None:
     return Key(data["kind"], tenant, name) if isinstance(tenant, str) else None
 
 
-def _build(doc: _Document, file: str, problems: list[Problem]) -> Resource | None:
+def _build(doc: _Document, file: str, problems: list[Problem],
+           reported: frozenset[tuple[int, str | None]] = frozenset()) -> Resource | None:
+    """The resource of a document, or None after adding its problems. `reported`: the
+    (line, path) of values the YAML layer already reported (and kept as text): the
+    model's complaint about the same value is not repeated."""
     data = doc.data
 
-    def problem(path: Path_, message: str, resource: str | None = None) -> None:
+    def problem(path: Path_, message: str, resource: str | None = None, again: bool = True) -> None:
         line = line_at(doc.lines, path, doc.line)
+        if not again and (line, format_path(path) or None) in reported:
+            return
         problems.append(Problem(file, line, message, resource, format_path(path) or None))
 
     if not isinstance(data, dict):
@@ -227,7 +280,7 @@ def _build(doc: _Document, file: str, problems: list[Problem]) -> Resource | Non
     if api is None:
         problem(("apiVersion",), f"apiVersion is missing; use {API_VERSION}", label)
     elif api != API_VERSION:
-        problem(("apiVersion",), f"unsupported apiVersion {api!r}; use {API_VERSION}", label)
+        problem(("apiVersion",), f"unsupported apiVersion {_short(api)}; use {API_VERSION}", label, again=False)
     if kind is None:
         problem(("kind",), f"kind is missing; one of {', '.join(KINDS)}", label)
         return None
@@ -236,6 +289,7 @@ def _build(doc: _Document, file: str, problems: list[Problem]) -> Resource | Non
             ("kind",),
             f"unknown kind {_short(kind)}{_suggest(str(kind), KINDS)}; one of {', '.join(KINDS)}",
             label,
+            again=False,
         )
         return None
     try:
@@ -248,7 +302,7 @@ def _build(doc: _Document, file: str, problems: list[Problem]) -> Resource | Non
         for err in exc.errors():
             if tuple(err["loc"]) == ("apiVersion",):
                 continue  # reported above
-            problem(tuple(err["loc"]), _friendly(err, data), label)
+            problem(tuple(err["loc"]), _friendly(err, data), label, again=False)
         return None
     if api != API_VERSION:
         return None
@@ -272,8 +326,11 @@ def load(paths: Iterable[str | os.PathLike[str]], *, check: bool = True) -> tupl
     files, problems = find_manifest_files(paths)
     desired = Desired()
     for file in files:
-        for doc in _parse_file(file, problems):
-            resource = _build(doc, str(file), problems)
+        before = len(problems)
+        docs = _parse_file(file, problems)
+        reported = frozenset((p.line, p.path) for p in problems[before:])
+        for doc in docs:
+            resource = _build(doc, str(file), problems, reported)
             if resource is None:
                 key = _key_guess(doc.data)
                 if key is not None:

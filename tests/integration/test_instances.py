@@ -407,7 +407,7 @@ def test_f_apply_killed_after_define_converges_on_rerun(rc_env: HostEnv) -> None
     # nothing leaked: one instance directory per domain, one registered image
     assert sorted(p.name for p in env.instance_dir.iterdir()) == [name]
     assert sorted(p.name for p in (env.instance_dir / name).iterdir()) == [
-        "console.log", "root.qcow2", "seed.iso", "seed.json"]
+        "console.log", "owner.json", "root.qcow2", "seed.iso", "seed.json"]
     assert len([p for p in env.image_dir.glob("rc-*") if p.suffix != ".json"]) == 1
     assert not [p for p in env.image_dir.iterdir() if p.name.startswith(".tmp-")]
 

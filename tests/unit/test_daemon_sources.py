@@ -495,3 +495,18 @@ def test_snapshot_display_rules() -> None:
     assert snap.display("/c/aaa/other.yaml") == "/c/aaa/other.yaml"
     top = Snapshot(revision="a" * 40, root=Path("/c/aaa"), display_root="")
     assert top.display("/c/aaa/x.yaml") == "x.yaml"
+
+
+def test_git_cache_is_private(repo: Path, make_source, tmp_path: Path) -> None:
+    """The cache holds every manifest (userData, a secret) in git's objects and the URL in
+    FETCH_HEAD, readable by anyone through a world-traversable cache directory: the cache
+    directory is the daemon's alone (0700), also when an older version made it 0755."""
+    commit(repo, {"vm.yaml": "userData: |\n  password: rc-canary-0002\n"}, "a secret")
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o755)
+    os.chmod(cache, 0o755)
+    make_source(repo).latest()
+    assert cache.stat().st_mode & 0o777 == 0o700
+    objects = subprocess.run(["git", "-C", str(cache / "repo.git"), "cat-file", "--batch-all-objects",
+                              "--batch"], check=True, capture_output=True, stdin=subprocess.DEVNULL).stdout
+    assert b"rc-canary-0002" in objects  # what the 0700 protects

@@ -1038,7 +1038,7 @@ def test_errors_of_several_files_are_sorted_by_file_then_line(write_manifests: W
     assert got == [
         ("a.yaml", 2, "kind"),
         ("a.yaml", 4, "apiVersion"),
-        ("m/x.yml", 2, None),
+        ("m/x.yml", 1, None),  # its last line: the end of the input is not a line of its own
         ("z.yaml", 4, "spec.sizeGiB"),
     ], show(problems)
     assert problems == sorted(problems, key=Problem.sort_key)
@@ -1208,3 +1208,21 @@ def test_an_empty_spec_means_all_defaults(write_manifests) -> None:
     assert problems == []
     (tenant,) = desired
     assert tenant.spec.quota.instances is None
+
+
+@pytest.mark.parametrize("value", [
+    "\n    password: rc-canary-0001\n    keys: [rc-canary-0001]",  # a mapping: `|` forgotten
+    " 12345678987654321",  # a number
+    " [rc-canary-0001]",  # a list
+])
+def test_a_sensitive_field_of_the_wrong_type_is_never_quoted(write_manifests, value: str) -> None:
+    """userData that is not a string: the error names the field and the type it got, never
+    its content (it is a secret); other fields keep quoting what they got."""
+    _, cloud, problems, _ = load_cloud(write_manifests, (
+        "apiVersion: reconciler/v1\nkind: Instance\nmetadata: {name: vm, tenant: acme}\n"
+        f"spec:\n  image: tiny\n  vcpus: many\n  userData:{value}\n"))
+    printed = show(problems)
+    assert "spec.userData: input should be a valid string, got a value of type " in printed, printed
+    assert "(sensitive: not shown)" in printed, printed
+    assert "rc-canary-0001" not in printed and "12345678987654321" not in printed, printed
+    assert "spec.vcpus: input should be a valid integer" in printed and "got 'many'" in printed, printed

@@ -73,6 +73,21 @@ def test_network_inet_filters_only_ports_with_groups_and_an_address() -> None:
     assert exprs(owned.shared["ingress"]) == [[_nft.iifname(BRIDGE), _nft.jump(f"in-{h}")]]
 
 
+def test_the_host_takes_nothing_from_a_network() -> None:
+    """Regression (isolation suite): the host answered a port that sent to the bridge's MAC
+    for the host's own address; the network's bridge is dropped at the input hook."""
+    owned = _nft.network_inet(BRIDGE, 7, [])
+    assert exprs(owned.shared["input"]) == [[_nft.iifname(BRIDGE), _nft.DROP]]
+    cmds = _nft.ensure_commands("inet", TABLE, _nft.Listing(), owned, {})
+    chains = [c["add"]["chain"] for c in cmds if "chain" in c.get("add", {})]
+    assert {"name": "input", "hook": "input", "type": "filter", "policy": "accept"}.items() <= \
+        next(c for c in chains if c["name"] == "input").items()
+    listing, owned, recorded = _intact()
+    listing.chains["input"] = []  # the rule deleted by hand: drift
+    assert _nft.drift(listing, owned, recorded, "inet") == [
+        "nftables inet rule in chain input for this object is missing"]
+
+
 def test_a_ports_groups_are_its_own_tenants() -> None:
     other = {**WEB1, "owner": "globex/vm"}
     (owned,) = [_nft.network_inet(BRIDGE, 1, ports(other))]
@@ -266,6 +281,17 @@ def test_router_table_is_rebuilt_whole() -> None:
     nat = json.dumps(cmds[-1])
     assert "masquerade" in nat and "qg-0123456789" in nat and "10.0.1.0" in nat
     assert "masquerade" not in json.dumps(_nft.router_commands(None, ["10.0.0.0/24"]))
+
+
+def test_a_router_answers_only_its_internal_legs() -> None:
+    """Regression (isolation suite): a router's gateways and external address answered the
+    external network, and through it another tenant's ports."""
+    cmds = _nft.router_commands("qg-0123456789", ["10.0.0.0/24"])
+    chain = next(c["add"]["chain"] for c in cmds if c.get("add", {}).get("chain", {}).get("name") == "input")
+    assert (chain["hook"], chain["policy"]) == ("input", "drop")
+    rules = [c["add"]["rule"]["expr"] for c in cmds if c.get("add", {}).get("rule", {}).get("chain") == "input"]
+    assert rules == [[_nft.ct_state("established", "related"), _nft.ACCEPT],
+                     [_nft.iifname("qr-*"), _nft.ACCEPT], [_nft.iifname("lo"), _nft.ACCEPT]]
 
 
 def test_address_forms() -> None:

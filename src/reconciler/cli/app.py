@@ -28,6 +28,7 @@ from reconciler.cli.render import (
 )
 from reconciler.controller import Controller, StatusRow
 from reconciler.errors import ConfigError, LockTimeout, ReconcilerError, ValidationFailed
+from reconciler.fileio import write_atomic
 from reconciler.graph import to_dot, to_mermaid
 from reconciler.hostconfig import load_host_config
 from reconciler.journal import Journal, pid_alive
@@ -176,10 +177,12 @@ def _warn_unknown(the_plan: Plan) -> None:
 
 
 def _save_plan(the_plan: Plan, path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(the_plan.to_json(redact=False))
-    os.chmod(path, 0o600)
+    """It holds the targets, secrets included: a new 0600 file renamed over `path`, never
+    the existing file rewritten (someone may hold it open, and it may be world-readable)."""
+    try:
+        write_atomic(path, the_plan.to_json(redact=False), 0o600)
+    except OSError as exc:
+        raise ReconcilerError(f"cannot save the plan to {path}: {exc.strerror or exc}") from None
 
 
 def _load_plan(path: Path) -> Plan:

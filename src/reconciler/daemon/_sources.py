@@ -595,6 +595,12 @@ class GitSource:
             pass
 
     def _ensure_repo(self) -> None:
+        try:  # the daemon's alone: it holds the manifests (userData) and, in FETCH_HEAD, the URL
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.cache_dir, 0o700)
+        except OSError as exc:
+            raise SourceError(
+                f"cannot create the git cache {self.cache_dir}: {exc.strerror or exc}") from None
         if (self.repo / "HEAD").is_file():
             return
         try:

@@ -15,7 +15,7 @@ _NAME_RE = re.compile(NAME_PATTERN)
 
 
 def _check_name(value: str) -> str:
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):  # not match(): `$` also matches before a final "\n"
         raise ValueError(
             f"{value!r} cannot be a host object name: use 1 to 63 lowercase letters, "
             "digits or '-', starting with a letter or digit"

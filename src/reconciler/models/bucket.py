@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from reconciler.models._base import DeletionPolicy, Spec, Strict, deletion_policy_field
 from reconciler.models._fields import UpdatePolicy, spec_field
@@ -17,6 +18,21 @@ RESERVED_KEYS = ("quota-bytes", "quota-count", "temp-url-key", "temp-url-key-2")
 RESERVED_PREFIXES = ("rc-",)
 
 MetadataKey = Annotated[str, Field(pattern=METADATA_KEY)]
+
+
+def _header_value(value: str) -> str:
+    """A metadata value travels as an HTTP header value (Swift) or a tag (S3): a control
+    character (a line break, NUL) cannot be sent, and HTTP drops spaces at either end (so
+    the value read back would never match: a change at every plan)."""
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError("a metadata value cannot hold control characters (line breaks, tabs, NUL): "
+                         "it is sent as an HTTP header value")
+    if value != value.strip(" "):
+        raise ValueError("a metadata value cannot start or end with a space: HTTP drops it")
+    return value
+
+
+MetadataValue = Annotated[str, Field(max_length=256), AfterValidator(_header_value)]
 
 
 class BucketQuota(Strict):
@@ -43,7 +59,7 @@ class BucketSpec(Spec):
     )
     versioning: bool = spec_field(False, description="Keep old versions of overwritten objects.")
     quota: BucketQuota = Field(default_factory=BucketQuota, description="Limits on the bucket.")
-    metadata: dict[MetadataKey, Annotated[str, Field(max_length=256)]] = spec_field(
+    metadata: dict[MetadataKey, MetadataValue] = spec_field(
         default_factory=dict,
         description="Custom metadata set on the bucket (Swift container metadata, S3 bucket "
         "tags); keys set by others are left alone. Keys: lowercase letters, digits and '-'; "

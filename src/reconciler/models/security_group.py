@@ -38,7 +38,7 @@ class Rule(Strict):
     def _port_range(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        m = _PORTS_RE.match(value)
+        m = _PORTS_RE.fullmatch(value)
         if not m:
             raise ValueError(f'ports {value!r} must be a port "22" or a range "8000-8080"')
         lo = int(m.group(1))

@@ -422,11 +422,12 @@ def _retain_tenants(changes: dict[Key, Change], owned: Mapping[Key, list[Observe
 
 def _conflict_problem(res: Resource, unowned: Unowned) -> Problem:
     detail = f" ({unowned.detail})" if unowned.detail else ""
+    kind = res.key.kind.lower()
     return Problem(
         res.source.file, res.line_of(("metadata", "name")),
-        f"conflict: a {res.key.kind.lower()} host object named {unowned.host_name!r} exists without our "
-        f"ownership mark{detail}; it is left untouched. Remove or rename it on the host, or "
-        "rename the resource in the manifest",
+        f"conflict: {'an' if kind[0] in 'aeiou' else 'a'} {kind} host object without our ownership mark is "
+        f"in the way of {unowned.host_name!r}{detail}; it is left untouched. Remove or rename it on the "
+        "host, or rename the resource in the manifest",
         res.key.display, "metadata.name",
     )
 

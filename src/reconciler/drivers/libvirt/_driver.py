@@ -4,15 +4,17 @@ Layout on the host (directories readable by libvirt's QEMU, files private)::
 
     IMAGE_DIR/rc-<hash>-<sha12>.<fmt>     a registered image (never changed once there)
     IMAGE_DIR/rc-<hash>-<sha12>.json      its mark: key, spec, sha256 (the ownership mark)
+    INSTANCE_DIR/<domain>/owner.json       the folder's mark: key and installation (written first)
     INSTANCE_DIR/<domain>/root.qcow2       the root disk: a qcow2 overlay on the image
     INSTANCE_DIR/<domain>/seed.iso         the NoCloud seed (0600: it holds user-data)
     INSTANCE_DIR/<domain>/seed.json        what the seed was built from (0600)
     INSTANCE_DIR/<domain>/console.log      the serial console
 
 A domain is ours when its <metadata> carries our element (see `_config`); observe is
-one `listAllDomains` plus each domain's XML. Secrets (userData) never go into the
-domain XML: the mark there holds their SHA-256, and observe restores them from
-seed.json.
+one `listAllDomains` plus each domain's XML, and one listing of INSTANCE_DIR (a folder
+with an instance's name, no domain and no mark of ours is in the way of that instance).
+Secrets (userData) never go into the domain XML: the mark there holds their SHA-256,
+and observe restores them from seed.json.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid as uuidlib
@@ -56,6 +58,7 @@ REDACTED = "sha256:"
 ROOT_TARGET = "vda"
 SEED_TARGET = "hdc"
 MAX_ROOT_GIB = 65536
+OWNER_FILE = "owner.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,9 @@ class LibvirtDriver:
         self._domain_type: DomainType | None = None
         self._type_lock = threading.Lock()
         self._image_lock = threading.Lock()
+        #: instance folders being filled by a create in this process, not yet defined (under
+        #: _image_lock): not leftovers (see `_sweep_unfinished`)
+        self._creating: set[str] = set()
 
     # --- reading ---------------------------------------------------------------------
 
@@ -130,10 +136,12 @@ class LibvirtDriver:
         conn = self.host.conn()
         with translated("listing domains"):
             domains = conn.listAllDomains(0)
+        names: set[str] = set()
         for dom in domains:
             try:
                 with translated("reading a domain"):
                     name = dom.name()
+                    names.add(name)
                     cfg = DomainConfig.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
                     state = dom.state()[0]
                     live = DomainConfig.parse(dom.XMLDesc(0)) if dom.isActive() else None
@@ -154,7 +162,23 @@ class LibvirtDriver:
                 result.owned.append(self._instance_observed(cfg, live, state, dom))
             except (KeyError, TypeError, ValueError) as exc:
                 result.unowned.append(Unowned("Instance", name, f"domain {name}: unreadable mark: {exc}"))
+        result.unowned.extend(self._folders_in_the_way(names))
         return result
+
+    def _folders_in_the_way(self, domains: set[str]) -> list[Unowned]:
+        """Folders of INSTANCE_DIR with an instance's name (`rc-<hash>`), no domain and
+        no mark of ours: someone else's (a create's leftover carries our mark)."""
+        folder = self.settings.instance_dir
+        if not folder.is_dir():
+            return []
+        out = []
+        for entry in sorted(folder.iterdir()):
+            if entry.name in domains or not _OUR_NAME.fullmatch(entry.name) or not entry.is_dir():
+                continue
+            owner = folder_owner(entry)
+            if owner is None or owner[1] != self._home_dir():
+                out.append(Unowned("Instance", entry.name, f"folder {entry} exists (no domain) without our mark"))
+        return out
 
     def _instance_observed(self, cfg: DomainConfig, live: DomainConfig | None, state: int, dom=None) -> Observed:
         assert cfg.owner is not None
@@ -234,10 +258,10 @@ class LibvirtDriver:
                 continue
             spec = dict(data.get("spec") or {})
             image = folder / data.get("file", "")
-            if not data.get("file") or not image.exists():
-                spec["source"] = f"(registered file {image} is missing)"
+            drift = () if data.get("file") and image.exists() else (f"registered file {image} is missing",)
             result.owned.append(Observed(mark.key, meta.stem, spec, mark,
-                                         {"image": str(image), "format": str(data.get("format", ""))}))
+                                         {"image": str(image), "format": str(data.get("format", ""))},
+                                         drift=drift))
         known = {m.stem for m in folder.glob("rc-*.json")}
         for path in sorted(folder.glob("rc-*")):
             if path.suffix != ".json" and path.name.split(".", 1)[0] not in known:
@@ -314,35 +338,27 @@ class LibvirtDriver:
                 f"{target.key.display}: {source} is a {fmt} image but format says {spec.get('format')}"
             )
         base = self.host_name(target.key)
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="." + fmt)
-        tmp = Path(tmp_name)
-        try:
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-                while block := src.read(1 << 20):
-                    digest.update(block)
-                    out.write(block)
-            sha = digest.hexdigest()
-            if spec.get("sha256") and spec["sha256"] != sha:
-                raise PermanentError(
-                    f"{target.key.display}: checksum mismatch for {source}: expected "
-                    f"{spec['sha256']}, got {sha}"
-                )
-            os.chmod(tmp, 0o644)
-            stem = f"{base}-{sha[:12]}"
-            meta = folder / f"{stem}.json"
-            if meta.exists() and not (read_json_object(meta) or {}).get("retired"):
-                data = read_json_object(meta) or {}
-                if _mark_key(data) != target.key:
-                    raise Conflict(f"{meta} belongs to another resource")
-            final = folder / f"{stem}.{fmt}"
-            # the mark first, then the file: a crash in between leaves a mark whose file is
-            # missing, which plans as a replacement, never an unmarked file in the way
-            _write_json(meta, {"mark": target.mark.to_dict(), "spec": dict(spec), "file": final.name,
-                               "format": fmt, "sha256": sha}, mode=0o644)
-            tmp.replace(final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        sha = _sha256_of(source)  # the mark's name holds the checksum, and the mark goes first
+        if spec.get("sha256") and spec["sha256"] != sha:
+            raise PermanentError(
+                f"{target.key.display}: checksum mismatch for {source}: expected "
+                f"{spec['sha256']}, got {sha}"
+            )
+        stem = f"{base}-{sha[:12]}"
+        meta = folder / f"{stem}.json"
+        if meta.exists() and not (read_json_object(meta) or {}).get("retired"):
+            data = read_json_object(meta) or {}
+            if _mark_key(data) != target.key:
+                raise Conflict(f"{meta} belongs to another resource")
+        final = folder / f"{stem}.{fmt}"
+        if final.exists() and not (meta.exists() and _mark_key(read_json_object(meta) or {}) == target.key):
+            raise Conflict(f"{target.key.display}: {final} exists and is not ours; not touching it")
+        # the mark first, then the file: a crash in between leaves a mark whose file is
+        # missing (drift: the next update copies it), never an unmarked file in the way
+        _write_json(meta, {"mark": target.mark.to_dict(), "spec": dict(spec), "file": final.name,
+                           "format": fmt, "sha256": sha}, mode=0o644)
+        faults.point("libvirt.image-marked")
+        _copy_image(source, final, sha, target.key, meta)
         return Observed(target.key, stem, dict(spec), target.mark, {"image": str(final), "format": fmt})
 
     def _update_image(self, target: Target, observed: Observed) -> Observed:
@@ -355,12 +371,17 @@ class LibvirtDriver:
         data["mark"] = target.mark.to_dict()
         data["spec"] = dict(target.spec)
         _write_json(meta, data, mode=0o644)
+        image = self.settings.image_dir / str(data.get("file", ""))
+        if data.get("file") and data.get("sha256") and not image.exists():
+            # a create killed after the mark, before its file was in place
+            _copy_image(Path(target.spec["source"]), image, str(data["sha256"]), target.key, meta)
         return Observed(target.key, observed.identity, dict(target.spec), target.mark, observed.host)
 
     def _delete_image(self, observed: Observed) -> None:
         folder = self.settings.image_dir
         meta = folder / f"{observed.identity}.json"
         with self._image_lock:
+            self._sweep_unfinished()  # a leftover folder is no user of the image
             data = read_json_object(meta)
             if data is None:
                 return
@@ -375,6 +396,7 @@ class LibvirtDriver:
             else:
                 if data.get("file"):
                     image.unlink(missing_ok=True)
+                    _partial(image).unlink(missing_ok=True)
                 meta.unlink(missing_ok=True)
             self._collect_retired()
 
@@ -388,7 +410,30 @@ class LibvirtDriver:
                     users.append(root.parent.name)
         return users
 
+    def _sweep_unfinished(self) -> None:
+        """Remove the folders of this installation's instances that have no domain and
+        are not being created: left by a create killed before define, or a delete killed
+        between undefine and removing the folder; and the `.tmp-<name>` of a claim or
+        removal killed half way (see `claim_folder`). Nothing else would ever remove them
+        (no domain: nothing observed), and their root disks would keep their image
+        retired for ever. Call under _image_lock."""
+        folder = self.settings.instance_dir
+        if not folder.is_dir():
+            return
+        for entry in sorted(folder.iterdir()):
+            if not entry.is_dir() or entry.is_symlink():
+                continue
+            if entry.name.startswith(".tmp-rc-"):  # a claim or removal killed half way
+                if entry.name[len(".tmp-"):] not in self._creating:
+                    shutil.rmtree(entry, ignore_errors=True)
+                continue
+            owner = folder_owner(entry)
+            if (entry.name not in self._creating and owner is not None and owner[1] == self._home_dir()
+                    and self._lookup(entry.name) is None):
+                discard_folder(entry)
+
     def _collect_retired(self) -> None:
+        self._sweep_unfinished()
         for meta in self.settings.image_dir.glob("rc-*.json"):
             data = read_json_object(meta)
             if data and data.get("retired"):
@@ -426,14 +471,19 @@ class LibvirtDriver:
             return self._update_instance(target, observed, ())
         image, image_format = self._image_file(key.tenant, spec["image"], target.related)
         directory = self.settings.instance_dir / name
-        if directory.exists():
-            shutil.rmtree(directory)  # leftovers of a create killed before define
-        _make_dirs(directory)
-        diskimage.create_overlay(directory / "root.qcow2", image, image_format, int(spec["rootDiskGiB"]))
-        self._write_seed(directory, key, spec, target.related, instance_id=str(uuidlib.uuid4()))
-        config = self._domain_config(target, uuid=None)
-        with translated(f"defining domain {name}"):
-            dom = conn.defineXML(config.to_xml())
+        with self._image_lock:
+            self._creating.add(name)
+        try:
+            claim_folder(directory, key, self._home_dir())
+            diskimage.create_overlay(directory / "root.qcow2", image, image_format, int(spec["rootDiskGiB"]))
+            self._write_seed(directory, key, spec, target.related, instance_id=str(uuidlib.uuid4()))
+            config = self._domain_config(target, uuid=None)
+            faults.point("libvirt.before-define")
+            with translated(f"defining domain {name}"):
+                dom = conn.defineXML(config.to_xml())
+        finally:
+            with self._image_lock:
+                self._creating.discard(name)
         faults.point("libvirt.after-define")
         if spec.get("powerState", "running") == "running":
             self._start(dom, key)
@@ -525,10 +575,11 @@ class LibvirtDriver:
                     | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                     | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                 )
+            faults.point("libvirt.after-undefine")
             name = cfg.name
         else:
             name = self.host_name(observed.key)
-        shutil.rmtree(self.settings.instance_dir / name, ignore_errors=True)
+        discard_folder(self.settings.instance_dir / name)
         with self._image_lock:
             self._collect_retired()
 
@@ -837,11 +888,93 @@ def _unredact(redacted: str, candidate: str | None) -> str:
     return redacted
 
 
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _partial(image: Path) -> Path:
+    """Where `image` is copied to before it is renamed into place: one name per image, so
+    a copy killed half way is overwritten by the next one, or removed with the image."""
+    return image.with_name(".tmp-" + image.name)
+
+
+def _copy_image(source: Path, image: Path, sha: str, key: Key, meta: Path) -> None:
+    """Copy `source` to `image` (whole or not at all), which must have checksum `sha`;
+    when the source has changed since, the registration (`meta`) is void and goes."""
+    tmp = _partial(image)
+    tmp.unlink(missing_ok=True)
+    try:
+        digest = hashlib.sha256()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                out.write(block)
+        if digest.hexdigest() != sha:
+            meta.unlink(missing_ok=True)
+            raise PermanentError(f"{key.display}: {source} changed while it was registered (its checksum "
+                                 f"is now {digest.hexdigest()}, was {sha}): apply again")
+        os.chmod(tmp, 0o644)
+        tmp.replace(image)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _mark_key(data: Mapping[str, Any]) -> Key | None:
     try:
         return Mark.from_dict(data["mark"]).key
     except (KeyError, TypeError, AttributeError):
         return None
+
+
+_OUR_NAME = re.compile(r"^rc-[0-9a-f]{10}$")
+
+
+def folder_owner(directory: Path) -> tuple[str, str] | None:
+    """(key, installation) of an instance folder's mark; None without one."""
+    data = read_json_object(directory / OWNER_FILE)
+    if data is None or not isinstance(data.get("key"), str) or not isinstance(data.get("home"), str):
+        return None
+    return data["key"], data["home"]
+
+
+def claim_folder(directory: Path, key: Key, home: str) -> None:
+    """Make `directory` the new instance's folder, marked before anything goes in. One
+    already there is the leftover of a create killed before define when it carries our
+    mark for `key` (it is made again); anything else is someone else's, left alone.
+
+    The folder is made with its mark under a temporary name and renamed into place, so
+    it never exists without the mark: a claim killed half way leaves `.tmp-<name>`,
+    which the next claim (or `LibvirtDriver._sweep_unfinished`) removes."""
+    if directory.exists() or directory.is_symlink():
+        if directory.is_symlink() or folder_owner(directory) != (str(key), home):
+            raise Conflict(f"{key.display}: folder {directory} exists and is not ours; not touching it")
+        discard_folder(directory)
+    staging = _staging(directory)
+    shutil.rmtree(staging, ignore_errors=True)
+    _make_dirs(staging)
+    _write_json(staging / OWNER_FILE, {"key": str(key), "home": home}, mode=0o644)
+    staging.rename(directory)
+
+
+def discard_folder(directory: Path) -> None:
+    """Remove an instance folder of ours: renamed out of the way (`.tmp-<name>`) first,
+    so a removal killed half way never leaves the folder without its mark."""
+    staging = _staging(directory)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        directory.rename(staging)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _staging(directory: Path) -> Path:
+    return directory.with_name(".tmp-" + directory.name)
 
 
 def _make_dirs(path: Path) -> None:

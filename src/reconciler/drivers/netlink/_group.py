@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from reconciler.drivers.netlink import _names, _nft
 from reconciler.drivers.netlink._sidecar import GROUPS
-from reconciler.errors import NotFound, PermanentError
+from reconciler.errors import Conflict, NotFound, PermanentError
 from reconciler.state import Mark, Observation, Observed, Target, Unowned
 
 if TYPE_CHECKING:
@@ -33,6 +33,14 @@ class Groups:
                 result.owned.append(self.observed(facts, prefix, data))
             except (KeyError, TypeError, ValueError) as exc:
                 result.unowned.append(Unowned("SecurityGroup", prefix, f"unreadable sidecar: {exc}"))
+        reported = set()
+        for chain in facts.inet.chains:
+            prefix = chain.rsplit("-", 1)[0]
+            if (prefix not in facts.groups and prefix not in reported
+                    and _foreign_rules(facts.inet, chain)):
+                reported.add(prefix)
+                result.unowned.append(Unowned("SecurityGroup", prefix, f"chain {chain} in table inet "
+                                              f"{self.d.table} holds rules that are not ours"))
 
     def observed(self, facts: "Facts", prefix: str, data: Mapping[str, Any]) -> Observed:
         mark = Mark.from_dict(data["mark"])
@@ -50,10 +58,15 @@ class Groups:
         owned = self.owned(prefix, target.spec, target.derived)
         with self.d.lock:
             old = self.d.sidecars.read(GROUPS, prefix) or {}
+            before = self.d.nft.list_table(_nft.INET, self.d.table)
+            self.d.check_table(_nft.INET, before)
+            for chain in owned.chains:
+                if not old and _foreign_rules(before, chain):
+                    raise Conflict(f"{target.key.display}: chain {chain} in table inet {self.d.table} holds "
+                                   "rules that are not ours; not touching it")
             sidecar = {"mark": target.mark.to_dict(), "spec": dict(target.spec),
                        "derived": dict(target.derived), "rules": old.get("rules") or {}}
             self.d.sidecars.write(GROUPS, prefix, sidecar)
-            before = self.d.nft.list_table(_nft.INET, self.d.table)
             self.d.nft.apply(_nft.ensure_commands(_nft.INET, self.d.table, before, owned, sidecar["rules"]))
         facts = self.d.facts(sidecars=False)  # the fingerprints to record, and the result
         with self.d.lock:
@@ -79,3 +92,11 @@ class Groups:
                                                   [sg_in, sg_out]))
             self.d.sidecars.remove(GROUPS, prefix)
             self.d.drop_tables_if_unused()
+
+
+def _foreign_rules(listing: _nft.Listing, chain: str) -> bool:
+    """Whether `chain` is a group's chain (`sg-G-in`, `sg-G-out`) holding a rule without
+    our comment (an empty one may be ours: a network makes it for a group to come)."""
+    if not _names.OUR_GROUP_CHAIN.fullmatch(chain):
+        return False
+    return any(_names.comment_owner(r.comment) is None for r in listing.chains.get(chain, ()))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from reconciler import faults
 from reconciler.drivers.netlink import _names
 from reconciler.errors import Conflict, NotFound, PermanentError, TransientError
 
@@ -186,11 +187,14 @@ def _index(ipr: Any, name: str) -> int:
 
 def add_bridge(name: str, mtu: int, alias: str) -> None:
     """A bridge with conntrack for its IPv4 traffic (nf_call_iptables, per bridge: the
-    inet table's stateful rules see bridged packets) and no IPv6 address of its own."""
+    inet table's stateful rules see bridged packets), no IPv6 address of its own, and no
+    ARP answers for the host's addresses."""
     _names.check_ifname(name)
     with translated(f"creating bridge {name}"), _ipr() as ipr:
         ipr.link("add", ifname=name, kind="bridge", br_nf_call_iptables=1, mtu=mtu)
+    faults.point("netlink.bridge-unmarked")  # made, not marked yet (see NetlinkDriver.owns)
     disable_ipv6(name)
+    ignore_arp(name)
     with translated(f"configuring bridge {name}"), _ipr() as ipr:
         ipr.link("set", index=_index(ipr, name), ifalias=alias, state="up")
 
@@ -198,6 +202,7 @@ def add_bridge(name: str, mtu: int, alias: str) -> None:
 def configure_bridge(name: str, mtu: int, alias: str) -> None:
     """Bring an existing bridge of ours to what `add_bridge` makes (repairs drift)."""
     disable_ipv6(name)
+    ignore_arp(name)
     with translated(f"configuring bridge {name}"), _ipr() as ipr:
         index = _index(ipr, name)
         ipr.link("set", index=index, kind="bridge", br_nf_call_iptables=1)
@@ -212,6 +217,7 @@ def add_vxlan(name: str, vni: int, port: int, local: str | None, mtu: int, alias
         options["vxlan_local"] = local
     with translated(f"creating VXLAN device {name}"), _ipr() as ipr:
         ipr.link("add", ifname=name, kind="vxlan", mtu=mtu, **options)
+    faults.point("netlink.vxlan-unmarked")
     disable_ipv6(name)
     set_port(name, master, mtu, alias)
 
@@ -301,13 +307,44 @@ def disable_ipv6(name: str) -> None:
         raise translate(exc, f"disabling IPv6 on {name}") from None
 
 
+def ignore_arp(name: str) -> None:
+    """No ARP answers on a bridge of ours (arp_ignore 8, per device): by default Linux
+    answers an ARP request for any of the host's addresses on any interface, so a tenant
+    could find the host's addresses and MAC on its network (the inet table's input chain
+    drops the packets that would follow)."""
+    path = Path("/proc/sys/net/ipv4/conf") / _names.check_ifname(name) / "arp_ignore"
+    try:
+        path.write_text("8\n")
+    except FileNotFoundError:
+        pass  # the device just vanished
+    except OSError as exc:
+        raise translate(exc, f"turning off ARP answers on {name}") from None
+
+
 # --- namespaces -----------------------------------------------------------------------
 
 
+NETNS_DIR = Path("/run/netns")
+
+
+def namespace_stub(name: str) -> bool:
+    """Whether /run/netns/NAME is only the mount point that creating a namespace makes
+    first (a creation, or a removal, killed half way): no namespace is bound to it, so
+    nothing can be in it, and it can neither be entered nor created again as it is."""
+    path = NETNS_DIR / _names.check_netns(name)
+    try:
+        return os.stat(path).st_dev == os.stat(NETNS_DIR).st_dev  # a bound one is on nsfs
+    except OSError:
+        return False
+
+
 def create_namespace(name: str) -> bool:
-    """Create `name`; False when it already existed."""
+    """Create `name`; False when it already existed. A stub (see `namespace_stub`) is
+    made again."""
     if netns is None:
         raise PermanentError("pyroute2 is not installed: run `make setup`")
+    if namespace_stub(name):
+        remove_namespace(name)
     try:
         with translated(f"creating namespace {name}"):
             netns.create(_names.check_netns(name))
@@ -335,6 +372,9 @@ class Namespace:
         self._ipr: Any = None
 
     def __enter__(self) -> "Namespace":
+        if namespace_stub(self.name):
+            raise NotFound(f"namespace {self.name} is only a mount point (its creation or removal "
+                           "was cut short): there is nothing in it")
         with translated(f"entering namespace {self.name}"):
             self._ipr = _ipr(self.name)
         return self

@@ -32,6 +32,11 @@ from reconciler.naming import host_name, short_hash
 ALIAS_PREFIX = "reconciler:v1"
 #: a network bridge or a router namespace: `rc-` + 10 hex digits
 OUR_NAME = re.compile(r"^rc-[0-9a-f]{10}$")
+#: a network's VXLAN or VLAN device, and its DHCP namespace (H: the bridge's 10 hex digits)
+OUR_SEGMENT = re.compile(r"^r[vl]-[0-9a-f]{10}$")
+OUR_DHCP_NAMESPACE = re.compile(r"^rc-dhcp-[0-9a-f]{10}$")
+#: a security group's chain: `sg-` + 10 hex digits + `-in` or `-out`
+OUR_GROUP_CHAIN = re.compile(r"^sg-[0-9a-f]{10}-(in|out)$")
 _IFNAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,14}$")
 _UPLINK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _CHAIN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")

@@ -87,12 +87,40 @@ class Networks:
                 if link.name not in facts.networks:
                     result.owned.append(self._without_sidecar(facts, link, mark))
                 continue
+            if mark is None and not link.alias and link.name in facts.networks:
+                continue  # ours, made by a run killed before it marked it: drift of that network
             if mark is None:
                 detail = f"bridge {link.name} has no reconciler mark"
             else:
                 detail = (f"bridge {link.name} is managed by another reconciler installation "
                           f"(home {mark.home})")
             result.unowned.append(Unowned("Network", link.name, detail))
+        self._parts_in_the_way(facts, result)
+
+    def _parts_in_the_way(self, facts: "Facts", result: Observation) -> None:
+        """A VXLAN or VLAN device, or a DHCP namespace, with the name a part of a network
+        gets while this installation has no such network: in the way of that network,
+        reported under its bridge's name (the one plan looks for). Namespaces are not
+        entered: one of ours always has our network (its sidecar goes last on delete)."""
+        mine = set(facts.networks)
+        mine.update(link.name for link in facts.snap.links.values()
+                    if link.kind == "bridge" and link.mark is not None and link.mark.home == self.d.home)
+        for link in facts.snap.links.values():
+            if not _names.OUR_SEGMENT.fullmatch(link.name):
+                continue
+            bridge, mark = "rc-" + link.name[3:], link.mark
+            if bridge in mine or (mark is not None and mark.home == self.d.home):
+                continue
+            what = "VXLAN" if link.name.startswith("rv-") else "VLAN"
+            why = ("has no reconciler mark" if mark is None
+                   else f"is managed by another reconciler installation (home {mark.home})")
+            result.unowned.append(Unowned("Network", bridge, f"{what} device {link.name} {why}"))
+        for ns in sorted(facts.snap.namespaces):
+            bridge = "rc-" + ns[len("rc-dhcp-"):]
+            if (_names.OUR_DHCP_NAMESPACE.fullmatch(ns) and bridge not in mine
+                    and not _host.namespace_stub(ns)):  # a stub holds nothing: creating remakes it
+                result.unowned.append(Unowned("Network", bridge, f"DHCP namespace {ns} exists and is not "
+                                              "one of this installation's networks'"))
 
     def observe_one(self, bridge: str) -> Observed:
         facts = self.d.facts(sidecars=False)
@@ -278,10 +306,14 @@ class Networks:
         alias = self.d.alias(target)
         snap = _host.dump()
         link = snap.links.get(bridge)
+        # our sidecar is written before any device is made: with it, an unmarked device
+        # with one of this network's names is ours, from a run killed before marking it
+        half_made = self.d.sidecars.read(NETWORKS, bridge) is not None
         if link is not None:
-            problem = "is not a bridge" if link.kind != "bridge" else self.d.foreign(link.alias, key)
+            problem = "is not a bridge" if link.kind != "bridge" else self.d.foreign(link.alias, key, half_made)
             if problem:
                 raise Conflict(f"{key.display}: {link.name} {problem}; not touching it")
+        self._check_parts(key, bridge, spec, snap, ours=half_made)
         with self.d.lock:
             old = self.d.sidecars.read(NETWORKS, bridge) or {}
             zone = int(old.get("zone") or 0) or self._free_zone(bridge)
@@ -296,7 +328,7 @@ class Networks:
             _host.configure_bridge(bridge, mtu, alias)
             if any(not a.startswith("fe80:") for a in snap.addresses.get(link.index, [])):
                 _host.flush_addresses(bridge)
-        self._ensure_segment(key, bridge, spec, mtu, alias, uplink, old.get("uplink"), snap)
+        self._ensure_segment(key, bridge, spec, mtu, alias, uplink, old.get("uplink"), snap, half_made)
         for port in ports:
             # the instance driver attaches its taps; a bridge made again (after someone
             # deleted it) takes back the ones left without a bridge
@@ -304,7 +336,7 @@ class Networks:
             if tap is not None and not tap.master and link is None:
                 _host.set_port(port.tap, bridge, tap.mtu, None)
         faults.point("netlink.network-after-bridge")
-        self._ensure_dhcp(key, bridge, spec, ports, alias, snap)
+        self._ensure_dhcp(key, bridge, spec, ports, alias, snap, half_made)
         self._routers_follow_mtu(bridge, mtu, snap)
         with self.d.lock:
             self._ensure_rules(bridge, zone, ports, old, sidecar["rules"])
@@ -314,6 +346,27 @@ class Networks:
             sidecar["rules"] = self._fingerprints(facts, bridge)
             self.d.sidecars.write(NETWORKS, bridge, sidecar)
         return self.observed(facts, bridge, sidecar)
+
+    def _check_parts(self, key: Key, bridge: str, spec: NetworkSpec, snap: _host.Snapshot, ours: bool) -> None:
+        """Before anything is made or changed: the devices the network will have and its
+        DHCP namespace, where they exist, must be ours. A namespace without a mark is
+        ours only when the network already is (`ours`: its sidecar exists; a crash can
+        come between creating the namespace and marking it)."""
+        names = [_names.dhcp_legs(bridge, c.cidr)[0] for c in self.dhcp_configs(key, bridge, spec)]
+        if spec.type in ("vxlan", "vlan"):
+            names.append(_names.vxlan_device(bridge) if spec.type == "vxlan" else _names.vlan_device(bridge))
+        for name in names:
+            dev = snap.links.get(name)
+            problem = self.d.foreign(dev.alias, key, half_made=ours) if dev is not None else None
+            if problem:
+                raise Conflict(f"{key.display}: device {name} {problem}; not touching it")
+        ns = _names.dhcp_namespace(bridge)
+        if ns in snap.namespaces and not ours and not _host.namespace_stub(ns):
+            with _host.Namespace(ns) as inside:
+                lo = inside.links().get("lo")
+            problem = self.d.foreign(lo.alias if lo else None, key)
+            if problem:
+                raise Conflict(f"{key.display}: namespace {ns} {problem}; not touching it")
 
     def _routers_follow_mtu(self, bridge: str, mtu: int, snap: _host.Snapshot) -> None:
         """The network owns its MTU: our routers' legs on it follow in the same change,
@@ -346,13 +399,14 @@ class Networks:
         raise PermanentError("no free conntrack zone left")
 
     def _ensure_segment(self, key: Key, bridge: str, spec: NetworkSpec, mtu: int, alias: str,
-                        uplink: str | None, old_uplink: str | None, snap: _host.Snapshot) -> None:
+                        uplink: str | None, old_uplink: str | None, snap: _host.Snapshot,
+                        half_made: bool = False) -> None:
         """The bridge's way out: a VXLAN device, a VLAN device on the uplink, or the uplink."""
         if spec.type in ("vxlan", "vlan"):
             name = _names.vxlan_device(bridge) if spec.type == "vxlan" else _names.vlan_device(bridge)
             dev = snap.links.get(name)
             if dev is not None:
-                problem = self.d.foreign(dev.alias, key)
+                problem = self.d.foreign(dev.alias, key, half_made)
                 if problem:
                     raise Conflict(f"{key.display}: device {name} {problem}; not touching it")
                 same = (dev.data.get("IFLA_VXLAN_ID") == spec.vni
@@ -391,7 +445,7 @@ class Networks:
             _host.set_nomaster(uplink)
 
     def _ensure_dhcp(self, key: Key, bridge: str, spec: NetworkSpec, ports: list[_nft.Port], alias: str,
-                     snap: _host.Snapshot) -> None:
+                     snap: _host.Snapshot, half_made: bool = False) -> None:
         """The DHCP namespace, one leg and one dnsmasq per subnet with DHCP; what is no
         longer wanted (a subnet removed, DHCP turned off) is stopped and removed."""
         configs = self.dhcp_configs(key, bridge, spec)
@@ -433,13 +487,14 @@ class Networks:
             for config in configs:
                 host_leg, inner = _names.dhcp_legs(bridge, config.cidr)
                 current = snap.links.get(host_leg)
-                if current is not None and not self.d.owns(current.alias, key):
-                    problem = self.d.foreign(current.alias, key)
+                if current is not None and not self.d.owns(current.alias, key, half_made):
+                    problem = self.d.foreign(current.alias, key, half_made)
                     raise Conflict(f"{key.display}: device {host_leg} {problem}; not touching it")
                 if current is None or inner not in links:
                     if current is not None:
                         _host.delete_link(host_leg)
                     _host.add_veth(host_leg, inner, ns, mtu)
+                    faults.point("netlink.dhcp-leg-unmarked")
                 _host.set_port(host_leg, bridge, mtu, alias)
                 inside.set_link(inner, mtu=mtu, alias=alias, address=_names.leg_mac(inner))
                 inside.set_addresses(inner, [f"{config.server}/{config.cidr.prefixlen}"])
@@ -459,6 +514,9 @@ class Networks:
     def _remove_namespace(self, ns: str, key: Key) -> None:
         """Remove a DHCP namespace of ours: its `lo` carries our mark (or none, when a
         crash came between creating and marking it; the name holds our hash)."""
+        if _host.namespace_stub(ns):
+            _host.remove_namespace(ns)  # only its mount point: nothing of anyone's is in it
+            return
         try:
             with _host.Namespace(ns) as inside:
                 lo = inside.links().get("lo")
@@ -476,6 +534,8 @@ class Networks:
         br = _nft.network_bridge(bridge, ports)
         before_inet = self.d.nft.list_table(_nft.INET, self.d.table)
         before_bridge = self.d.nft.list_table(_nft.BRIDGE, self.d.table)
+        self.d.check_table(_nft.INET, before_inet)
+        self.d.check_table(_nft.BRIDGE, before_bridge)
         old_ports = [_nft.Port.from_dict(p) for p in (old.get("derived") or {}).get("ports") or []]
         owner = _names.net_hash(bridge)
         stale = set(_port_chains_of(before_inet, owner))
@@ -510,8 +570,10 @@ class Networks:
             raise PermanentError(f"{key.display}: unexpected bridge name {bridge!r}")
         snap = _host.dump()
         link = snap.links.get(bridge)
+        data = self.d.sidecars.read(NETWORKS, bridge)
+        half_made = data is not None  # see ensure: unmarked devices with our names are ours
         if link is not None:
-            problem = "is not a bridge" if link.kind != "bridge" else self.d.foreign(link.alias, key)
+            problem = "is not a bridge" if link.kind != "bridge" else self.d.foreign(link.alias, key, half_made)
             if problem:
                 raise Conflict(f"{key.display}: {bridge} {problem}; not touching it")
         base = self.dhcp_dir(bridge)
@@ -522,10 +584,15 @@ class Networks:
         ns = _names.dhcp_namespace(bridge)
         if ns in snap.namespaces:
             self._remove_namespace(ns, key)
+        parts = {_names.vxlan_device(bridge), _names.vlan_device(bridge)}
+        if data is not None:
+            parts.update(_names.dhcp_legs(bridge, s.get("cidr", ""))[0]
+                         for s in (data.get("spec") or {}).get("subnets") or [])
         for dev in snap.links.values():
-            if dev.name != bridge and self.d.owns(dev.alias, key):
+            if dev.name != bridge and (self.d.owns(dev.alias, key)
+                                       or (dev.name in parts and self.d.owns(dev.alias, key, half_made))):
                 _host.delete_link(dev.name)  # VXLAN, VLAN, DHCP legs
-        data = self.d.sidecars.read(NETWORKS, bridge) or {}
+        data = data or {}
         for uplink in {data.get("uplink"), self.uplink(key)} - {None}:
             self._release_uplink(str(uplink), bridge)
         if link is not None:

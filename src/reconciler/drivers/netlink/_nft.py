@@ -9,6 +9,7 @@ Layout of an installation's tables (both named ``reconciler_HOME``)::
                                          iifname BR jump out-H             (per network)
       chain ingress  forward, prio 0     ct state established,related accept
                                          iifname BR jump in-H              (per network)
+      chain input    input, prio 0       iifname BR drop                   (per network)
       chain in-H / out-H                 ip daddr/saddr IP jump pi-T/po-T  (per filtered port)
       chain pi-T / po-T                  DHCP; jump sg-G-in/out per group; drop
       chain sg-G-in / sg-G-out           the group's rules                 (per group)
@@ -19,7 +20,10 @@ Layout of an installation's tables (both named ``reconciler_HOME``)::
 
 Why so: bridged IPv4 reaches the inet forward hook (the bridge has nf_call_iptables),
 where conntrack works, so the stateful group rules live there, matched by the port's
-address; `iifname` is the bridge there, not the tap. Conntrack is not available in the
+address; `iifname` is the bridge there, not the tap. The host has no address on a
+tenant bridge, but would still take a packet sent to the bridge's MAC for one of its
+own addresses: the input hook drops whatever arrives by our bridges (and the bridges
+answer no ARP, see `_host.add_bridge`). Conntrack is not available in the
 bridge family, so anti-spoofing there is stateless, matched by the tap (`meta ibrname`
 is not in this kernel, so a verdict map by tap dispatches to the network's chain). Two
 base chains at one hook: an accept ends only its own chain, so a packet must pass the
@@ -150,6 +154,7 @@ INET_BASE = (
     BaseChain("zones", "prerouting", -300),
     BaseChain("egress", "forward", -10, (rule("egress", BASE_OWNER, REPLIES, ACCEPT),)),
     BaseChain("ingress", "forward", 0, (rule("ingress", BASE_OWNER, REPLIES, ACCEPT),)),
+    BaseChain("input", "input", 0),
 )
 BRIDGE_BASE = (
     BaseChain("forward", "forward", -200,
@@ -232,6 +237,7 @@ def network_inet(bridge: str, zone: int, ports: Sequence[Port]) -> Owned:
                                                                      "value": zone}})],
         "egress": [rule("egress", owner, iifname(bridge), jump(out_chain))],
         "ingress": [rule("ingress", owner, iifname(bridge), jump(in_chain))],
+        "input": [rule("input", owner, iifname(bridge), DROP)],  # the host is on no tenant network
     }
     out.chains[in_chain] = [rule(in_chain, owner, iifname(bridge), ct_state("invalid"), DROP)]
     out.chains[out_chain] = []
@@ -334,6 +340,7 @@ class Listing:
     exists: bool = False
     chains: dict[str, list[Listed]] = field(default_factory=dict)
     maps: dict[str, dict[str, Any]] = field(default_factory=dict)  # map -> key -> verdict
+    others: list[str] = field(default_factory=list)  # "set NAME", "counter NAME"...: never ours
 
     @classmethod
     def parse(cls, text: str) -> "Listing":
@@ -351,6 +358,10 @@ class Listing:
                     if isinstance(elem, list) and len(elem) == 2 and isinstance(elem[0], str):
                         elements[elem[0]] = elem[1]
                 out.maps[item["map"]["name"]] = elements
+            else:
+                for what, obj in item.items():
+                    if what not in ("metainfo", "table") and isinstance(obj, dict):
+                        out.others.append(f"{what} {obj.get('name', '?')}")
         return out
 
     def rules_of(self, owner: str) -> dict[str, Listed]:
@@ -386,6 +397,38 @@ class Listing:
             if target:
                 out[key] = target
         return out
+
+
+#: what our chains are named, besides the base chains (see the module docstring)
+OWN_CHAIN_PREFIXES = ("in-", "out-", "spoof-", "pi-", "po-", "sg-")
+
+
+def foreign_table(listing: Listing, family: str) -> str | None:
+    """Why a table with our name was made by someone else (None: ours, or absent). Ours
+    get their base chains in the transaction that makes them and keep them; a table with
+    none of them and no rule of ours is not ours."""
+    if not listing.exists:
+        return None
+    if {b.name for b in (INET_BASE if family == INET else BRIDGE_BASE)} & listing.chains.keys():
+        return None
+    if any(_names.comment_owner(r.comment) for rules in listing.chains.values() for r in rules):
+        return None
+    return "was not made by this reconciler installation (none of its base chains or rules are in it)"
+
+
+def foreign_content(listing: Listing, family: str) -> list[str]:
+    """What a table of ours holds that is not ours: chains of names we never give, rules
+    without our comment, maps and other objects we never make."""
+    bases = {b.name for b in (INET_BASE if family == INET else BRIDGE_BASE)}
+    out = []
+    for chain, rules in listing.chains.items():
+        if chain not in bases and not chain.startswith(OWN_CHAIN_PREFIXES):
+            out.append(f"chain {chain}")
+        elif any(_names.comment_owner(r.comment) is None for r in rules):
+            out.append(f"rules of someone else in chain {chain}")
+    out.extend(f"map {m}" for m in listing.maps if not (family == BRIDGE and m == PORTS_MAP))
+    out.extend(listing.others)
+    return out
 
 
 def drift(listing: Listing, owned: Owned, recorded: Mapping[str, str], family: str) -> list[str]:
@@ -549,20 +592,24 @@ def _tname(t: Mapping[str, str]) -> dict[str, str]:
 
 
 def router_commands(snat_leg: str | None, subnets: Sequence[str]) -> list[dict[str, Any]]:
-    """A router namespace's own table, rebuilt whole in one transaction: forwarding
-    policy drop except replies and what comes from the internal legs; masquerade of the
-    tenant subnets leaving by the external leg."""
+    """A router namespace's own table, rebuilt whole in one transaction: forwarding and
+    input policy drop except replies and what comes from the internal legs (the router's
+    own addresses, its gateways and external address, answer only the networks it
+    joins); masquerade of the tenant subnets leaving by the external leg."""
     family, table = INET, "reconciler"
     t = {"family": family, "table": table}
     cmds: list[dict[str, Any]] = [
         {"add": {"table": {"family": family, "name": table}}},
         {"delete": {"table": {"family": family, "name": table}}},
         {"add": {"table": {"family": family, "name": table}}},
-        {"add": {"chain": {**t, "name": "forward", "type": "filter", "hook": "forward", "prio": 0,
-                           "policy": "drop"}}},
-        {"add": {"rule": {**t, "chain": "forward", "expr": [ct_state("established", "related"), ACCEPT]}}},
-        {"add": {"rule": {**t, "chain": "forward", "expr": [iifname("qr-*"), ACCEPT]}}},
     ]
+    for hook in ("forward", "input"):
+        cmds += [
+            {"add": {"chain": {**t, "name": hook, "type": "filter", "hook": hook, "prio": 0, "policy": "drop"}}},
+            {"add": {"rule": {**t, "chain": hook, "expr": [ct_state("established", "related"), ACCEPT]}}},
+            {"add": {"rule": {**t, "chain": hook, "expr": [iifname("qr-*"), ACCEPT]}}},
+        ]
+    cmds.append({"add": {"rule": {**t, "chain": "input", "expr": [iifname("lo"), ACCEPT]}}})
     if snat_leg and subnets:
         cmds.append({"add": {"chain": {**t, "name": "postrouting", "type": "nat", "hook": "postrouting",
                                        "prio": 100, "policy": "accept"}}})

@@ -3,10 +3,12 @@ gateway addresses) and, with `external`, a leg on the external network, a defaul
 and SNAT (Neutron's L3 agent: qrouter namespace, qr- and qg- devices).
 
 Forwarding is on inside the namespace only. Its own nftables table drops forwarded
-traffic except replies and what comes from the internal legs, and masquerades the
-tenant subnets leaving by the external leg. Observe checks the legs from the host side
-(each veth's host end is marked and enslaved to its network's bridge) and never enters
-the namespace; the addresses and rules inside are rewritten by every ensure.
+traffic and traffic to the router itself except replies and what comes from the internal
+legs (its addresses answer only the networks it joins, never the external network or,
+through it, another tenant), and masquerades the tenant subnets leaving by the external
+leg. Observe checks the legs from the host side (each veth's host end is marked and
+enslaved to its network's bridge) and never enters the namespace; the addresses and
+rules inside are rewritten by every ensure.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class Routers:
         present = ns in snap.namespaces
         if not present:
             drift.append(f"namespace {ns} is missing")
+        if not data.get("ensured", True):
+            drift.append("its last change was cut short: the addresses, route and rules inside its "
+                         "namespace may be missing")
 
         def leg_ok(host: str, network: Key) -> bool:
             if not present:
@@ -166,20 +171,26 @@ class Routers:
         internal, external, gateway, subnets = self.legs(target)
         wanted = internal + ([external] if external else [])
         snap = _host.dump()
+        existing = self.d.sidecars.read(ROUTERS, ns)
+        # the sidecar names the legs before they are made: an unmarked one of them is
+        # ours, from a run killed between creating and marking it
+        recorded = set((existing or {}).get("legs") or {})
         for leg in wanted:
             if leg.bridge not in snap.links:
                 raise TransientError(f"{key.display}: bridge {leg.bridge} of network {leg.network.tenant}/"
                                      f"{leg.network.name} does not exist (yet)")
             current = snap.links.get(leg.host)
-            if current is not None and not self.d.owns(current.alias, key):
-                raise Conflict(f"{key.display}: device {leg.host} {self.d.foreign(current.alias, key)}; "
+            half_made = leg.host in recorded
+            if current is not None and not self.d.owns(current.alias, key, half_made):
+                raise Conflict(f"{key.display}: device {leg.host} {self.d.foreign(current.alias, key, half_made)}; "
                                "not touching it")
         alias = self.d.alias(target)
-        existing = self.d.sidecars.read(ROUTERS, ns)
         if ns in snap.namespaces:
             self._check_namespace(ns, key, has_sidecar=bool(existing))
+        # `ensured` says when all of it is done: observe does not enter the namespace, so
+        # without it a change cut short inside (addresses, route, rules) would look done
         sidecar = {"mark": target.mark.to_dict(), "spec": dict(target.spec), "derived": dict(target.derived),
-                   "legs": {leg.host: leg.record() for leg in wanted}}
+                   "legs": {leg.host: leg.record() for leg in wanted}, "ensured": False}
         with self.d.lock:
             self.d.sidecars.write(ROUTERS, ns, sidecar)
         faults.point("netlink.router-after-sidecar")
@@ -192,6 +203,7 @@ class Routers:
                 if leg.host not in snap.links or leg.inside not in links:
                     _host.delete_link(leg.host)
                     _host.add_veth(leg.host, leg.inside, ns, leg.mtu)
+                    faults.point("netlink.router-leg-unmarked")
                 _host.set_port(leg.host, leg.bridge, leg.mtu, alias)
                 inside.set_link(leg.inside, mtu=leg.mtu, alias=alias, address=_names.leg_mac(leg.inside))
                 inside.set_addresses(leg.inside, list(leg.addresses))
@@ -202,12 +214,21 @@ class Routers:
                     _host.delete_link(link.name)
             inside.default_route(gateway, external.inside if external and gateway else None)
         snat = external.inside if external is not None and spec.snat else None
+        faults.point("netlink.router-before-rules")
         self.d.nft.apply(_nft.router_commands(snat, subnets), namespace=ns)
+        sidecar["ensured"] = True
+        with self.d.lock:
+            self.d.sidecars.write(ROUTERS, ns, sidecar)
         return self.observe_one(ns)
 
     def _check_namespace(self, ns: str, key: Key, has_sidecar: bool) -> None:
         """A namespace with our router's name is ours when its `lo` has our mark, or has
-        none while our sidecar exists (a crash between creating and marking it)."""
+        none while our sidecar exists (a crash between creating and marking it, or a stub:
+        see `_host.namespace_stub`)."""
+        if _host.namespace_stub(ns):
+            if has_sidecar:
+                return
+            raise Conflict(f"{key.display}: namespace {ns} exists without our mark; not touching it")
         with _host.Namespace(ns) as inside:
             lo = inside.links().get("lo")
         mark = _names.parse_alias(lo.alias if lo else None)
@@ -229,8 +250,9 @@ class Routers:
         if ns in snap.namespaces:
             self._check_namespace(ns, key, has_sidecar=data is not None)
             _host.remove_namespace(ns)
+        recorded = set((data or {}).get("legs") or {})
         for link in snap.links.values():  # the host ends go with the namespace, a moment later
-            if link.name.startswith(("rr-", "rg-")) and self.d.owns(link.alias, key):
+            if link.name.startswith(("rr-", "rg-")) and self.d.owns(link.alias, key, link.name in recorded):
                 _host.delete_link(link.name)
         with self.d.lock:
             self.d.sidecars.remove(ROUTERS, ns)

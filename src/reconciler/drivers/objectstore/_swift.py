@@ -65,6 +65,8 @@ class SwiftStore:
         self._pool_lock = threading.Lock()
         self._base: str | None = None
         self._base_lock = threading.Lock()
+        #: the last scan failed (the store is down): plan asks it nothing more
+        self._down = False
 
     def __repr__(self) -> str:  # never the keys
         return f"SwiftStore({self.name!r}, {self.auth_url!r}, user={self.user!r})"
@@ -159,6 +161,12 @@ class SwiftStore:
     # --- reading ----------------------------------------------------------------------
 
     def scan(self) -> list[Found]:
+        self._down = True  # until this scan went through
+        found = self._scan()
+        self._down = False
+        return found
+
+    def _scan(self) -> list[Found]:
         listed: list[tuple[str, str]] = []
         for tenant in self.tenants():
             try:
@@ -339,7 +347,23 @@ class SwiftStore:
         if size > MAX_META_OVERALL:
             out.append((("metadata",), f"about {size} bytes of container metadata with reconciler's mark: "
                                        f"Swift allows {MAX_META_OVERALL}; use fewer or shorter values"))
+        if not self._down and tenant not in self.tenants():
+            out.extend(self._in_the_way(tenant, name))
         return out
+
+    def _in_the_way(self, tenant: str, name: str) -> list[tuple[tuple[str | int, ...], str]]:
+        """A container with the bucket's name in an account that observe does not list
+        (one this store never made a bucket in): someone else's when it has no mark of
+        ours. One HEAD per bucket of such a tenant; when the store cannot tell, the create
+        will."""
+        try:
+            found = self._head(tenant, name)
+        except (TransientError, PermanentError):
+            return []
+        if found is None or found.payload is not None:
+            return []
+        return [((), f"conflict: {found.detail} named {name!r} is already in {found.account}; it is left "
+                     "untouched. Remove or rename it in the store, or rename the bucket in the manifest")]
 
 
 def _acl_set(value: str) -> frozenset[str]:

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from reconciler import diskimage
+from reconciler import diskimage, faults
 from reconciler.drivers.storage._common import GIB, Capacity, Found, dumps
 from reconciler.units import human
 from reconciler.errors import Conflict, NotFound, PermanentError, TransientError
@@ -120,6 +120,7 @@ class FileBackend:
         elif sidecar.exists() and self._sidecar(stem) is None:
             raise Conflict(f"{sidecar} exists and is not ours; not touching it")
         self._write(stem, {**data, "sizeGiB": size_gib})
+        faults.point("storage.file-sidecar-written")
         if not image.exists():
             diskimage.create_qcow2(image, size_gib)
         found = self.find(stem)
@@ -131,7 +132,7 @@ class FileBackend:
 
     def _write(self, stem: str, data: Mapping[str, Any]) -> None:
         _check(stem)
-        write_atomic(self.path / (stem + SIDECAR), dumps(data))
+        write_atomic(self.path / (stem + SIDECAR), dumps(data), one_temporary=True)  # see delete
 
     def activate(self, found: Found) -> None:
         """Files need no activation."""
@@ -168,7 +169,11 @@ class FileBackend:
             if wipe:
                 _zero(image)
             image.unlink()
-        (self.path / (found.name + SIDECAR)).unlink(missing_ok=True)
+        # what a create killed inside qemu-img, or a sidecar write killed, left
+        image.with_name(".tmp-" + image.name).unlink(missing_ok=True)
+        sidecar = self.path / (found.name + SIDECAR)
+        sidecar.with_name(".tmp-" + sidecar.name).unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
 
     def adopt(self, stem: str, data: Mapping[str, Any]) -> Found:
         _check(stem)
