@@ -130,7 +130,8 @@ def mutate(draw: st.DrawFn, docs: list[Any], sentinel: str) -> tuple[bi.Expect, 
     """Break (or harmlessly vary) `docs` in place. Returns the expectation without lines,
     the mutation's name, and a duplicate-key request for the emitter (or None)."""
     what = draw(st.sampled_from([
-        "none", "none", "wrong_type", "wrong_type", "hostile_string", "hostile_string", "near_miss", "hostile_key",
+        "none", "none", "wrong_type", "wrong_type", "hostile_string", "hostile_string", "hostile_key",
+        "near_miss", "near_miss", "near_miss",
         "number", "number", "drop", "null", "dup_key", "too_long", "surrogate", "deep", "bomb", "tag",
         "dup_doc", "drop_doc", "swap_kind",
     ]))
@@ -300,7 +301,7 @@ def mutate(draw: st.DrawFn, docs: list[Any], sentinel: str) -> tuple[bi.Expect, 
 # --- damage to the text -------------------------------------------------------------------------
 
 #: one character that turns a valid name, address, enum or pattern value invalid
-NEAR = ("\n", "\r\n", "\r", " ", "\t", "\x00", ".", "_", "A", "é", "\u200b", "\ufeff", "/")
+NEAR = ("\n", "\n", "\n", "\r\n", "\r", " ", "\t", "\x00", ".", "_", "A", "é", "\u200b", "\ufeff", "/")
 
 CONTROL = ("\x00", "\x01", "\x08", "\x1b", "\x7f", "\x80", "\x9f", "\ufffe", "\uffff")
 

@@ -201,7 +201,8 @@ def test_an_empty_typed_document_is_reported(write_manifests: Write) -> None:
     one_line_each(problems)
 
 
-NET = "---\napiVersion: reconciler/v1\nkind: Network\nmetadata: {name: web, tenant: acme}\nspec: {subnets: [{cidr: 10.0.0.0/24}]}\n"
+NET = ("---\napiVersion: reconciler/v1\nkind: Network\nmetadata: {name: web, tenant: acme}\n"
+       "spec: {subnets: [{cidr: 10.0.0.0/24}]}\n")
 
 
 @pytest.mark.parametrize(

@@ -210,7 +210,7 @@ class FileBackend:
 
 
 def _check(stem: str) -> None:
-    if not _NAME.match(stem) or stem in (".", ".."):
+    if not _NAME.fullmatch(stem) or stem in (".", ".."):
         raise PermanentError(f"{stem!r} cannot be a volume file name")
 
 
