@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import struct
 import subprocess
@@ -215,14 +216,25 @@ def _read_qcow2(f: BinaryIO, path: Path, head: bytes, file_size: int, allocated:
 # Changes through qemu-img
 
 
+def dying_with_us(argv: list[str]) -> list[str]:
+    """`argv` run so that it is killed when we die (util-linux `setpriv --pdeathsig`):
+    a qemu-img left running by a killed reconciler would go on writing a file that the
+    next run has cleaned up already. Unchanged where there is no setpriv."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
+
+
 def qemu_img(*args: str, timeout: float = 300, image: Path | None = None) -> str:
     """Run qemu-img with an argument list; errors become ours.
 
     `image` names the file in the ImageLocked message (else the name qemu-img prints).
     """
+    program = shutil.which("qemu-img")
+    if program is None:
+        raise PermanentError("qemu-img is not installed (apt-get install qemu-utils)")
     try:
         proc = subprocess.run(
-            ["qemu-img", *args], capture_output=True, text=True, timeout=timeout, check=False
+            dying_with_us([program, *args]), capture_output=True, text=True, timeout=timeout, check=False
         )
     except FileNotFoundError:
         raise PermanentError("qemu-img is not installed (apt-get install qemu-utils)") from None

@@ -2,12 +2,12 @@
 
 `crash_env()` gives one test its own copy of the example cloud: the tenants renamed
 `rctest<hex>-<tenant>` (every cross reference follows), the images a blank disk (see
-`blank_image`), a host config like
-hostconfig/demo.yaml (libvirt guests under TCG, netlink networks, qcow2 volumes, Swift
-buckets, tenants in memory) whose state dir, volume pool and Swift accounts
-(`AUTH_rctest<hex>-<tenant>`) are the test's own. `run()` starts the CLI as a process of
-its own and can kill it: at a fault point (RECONCILER_FAULTS, see reconciler.faults) or
-after some time (SIGKILL from here).
+`blank_image`), globex's bucket `deletionPolicy: Delete` (see `copy_cloud`), and a host
+config like hostconfig/demo.yaml (libvirt guests under TCG, netlink networks, qcow2
+volumes, Swift buckets, tenants in memory) whose state dir, volume pool and Swift
+accounts (`AUTH_rctest<hex>-<tenant>`) are the test's own. `run()` / `start()` run the
+CLI as a process of its own, which can be killed: at a fault point (RECONCILER_FAULTS,
+see reconciler.faults) or from here (SIGKILL).
 
 `check_applied()` and `check_destroyed()` compare the host with the manifests using the
 host's tools only: `virsh` (domains, their XML), `ip -j -d link` and `ip netns`, `nft
@@ -242,9 +242,10 @@ class CrashEnv(NetEnv):
         if args and args[0] in ("apply", "destroy"):
             self.last_manifest = self.cloud.folder if self.cloud else None
         started = time.monotonic()
+        # our child: Running.finish reaps it (its PID is not recorded for the teardown's
+        # check: after a thousand runs some other process may have it)
         proc = subprocess.Popen([str(RECONCILER), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env, cwd=self.root)
-        self._record("pids", proc.pid)
         return Running(args, proc, started)
 
     # --- what is on the host -------------------------------------------------------------

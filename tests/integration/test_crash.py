@@ -22,9 +22,15 @@ installation, nothing half configured), and `plan` is empty; then destroy killed
 point -> destroy again (exit 0) -> nothing of this installation is left but the retained
 volume and bucket, which are intact (the same file; the object put in the bucket).
 
-Every iteration runs to the end even when one fails (the next starts from what the
-failed one left, after one more run of the command); the test fails at the end listing
-every failure with the point, the killed run's last traced steps and the findings.
+Two copies of the cloud (two installations on this host, each with its own tenants,
+state dir, pool and Swift accounts) take every other iteration, side by side. Every
+iteration runs to the end even when one fails (the next starts from what the failed one
+left, after one more run of the command); the test fails at the end listing every
+failure with the point, the killed run's last traced steps and the findings.
+
+The tests after it are the focused regressions of what it found in the netlink driver
+(a device made but not yet marked, a namespace cut short), on a small cloud of their
+own; the others are unit tests (tests/unit/test_crash_recovery.py).
 """
 
 from __future__ import annotations

@@ -358,3 +358,92 @@ def test_an_instance_folder_never_exists_without_its_mark(tmp_path: Path, monkey
     with d._image_lock:
         d._sweep_unfinished()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the tools we run die with us --------------------------------------------------------
+
+
+def test_a_tool_run_by_a_killed_reconciler_dies_with_it(tmp_path: Path) -> None:
+    """Was: a qemu-img started by a reconciler that was then killed went on, and wrote its
+    `.tmp-NAME.qcow2` into the pool after the next run had cleaned it up (found by
+    test_crash at release count). qemu-img now gets SIGKILL when its parent dies."""
+    import secrets
+    import time
+
+    from reconciler import diskimage
+    from reconciler.procs import is_alive
+
+    if diskimage.dying_with_us(["x"]) == ["x"]:
+        pytest.skip("no setpriv on this host")
+    marker = f"{600 + secrets.randbelow(1000)}.{secrets.randbelow(10**6)}"  # a sleep only this test runs
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import subprocess
+        from reconciler import diskimage
+        subprocess.run(diskimage.dying_with_us(["sleep", "{marker}"]))
+        """)])
+
+    def sleepers() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd[:2] == [b"sleep", marker.encode()] and is_alive(int(entry.name)):
+                found.append(int(entry.name))
+        return found
+
+    try:
+        deadline = time.monotonic() + 30
+        while not sleepers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sleepers(), "the tool did not start"
+        parent.kill()
+        parent.wait()
+        while sleepers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not sleepers(), "the tool outlived the process that ran it"
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in sleepers():  # ours (its marker): never left behind
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_the_last_network_or_group_drops_the_tables_before_its_sidecar_goes(tmp_path: Path) -> None:
+    """Was: the last network (or security group) deleted removed its sidecar, then our
+    nftables tables: a destroy killed in between left the tables for good, since nothing
+    observed was left to delete (found by test_crash at release count). Now the tables
+    go first; until the sidecar is removed too, the next destroy finds the object."""
+    from reconciler.drivers.netlink import NetlinkDriver, NetlinkSettings, _names
+    from reconciler.drivers.netlink._nft import BRIDGE_BASE, INET_BASE, Listing
+    from reconciler.drivers.netlink._sidecar import GROUPS, NETWORKS
+    from reconciler.state import Observed
+
+    d = NetlinkDriver(NetlinkSettings(state_dir=tmp_path, home="0a1b2c3d"))
+    dropped: list[str] = []
+    group = Key("SecurityGroup", "acme", "web")
+    prefix = _names.group_prefix(group)
+
+    class Nft:
+        def list_table(self, family: str, table: str) -> Listing:
+            return Listing(exists=True, chains={b.name: [] for b in (INET_BASE if family == "inet" else BRIDGE_BASE)})
+
+        def apply(self, commands: Any, namespace: str | None = None) -> None:
+            pass
+
+        def delete_table(self, family: str, table: str) -> None:
+            # a kill right here: the group must still be found by the next destroy
+            assert d.sidecars.read(GROUPS, prefix) is not None, "the sidecar went before the tables"
+            dropped.append(family)
+
+    d.nft = Nft()  # type: ignore[assignment]
+    d.sidecars.write(NETWORKS, "rc-0123456789", {"mark": {}})
+    d.sidecars.write(GROUPS, prefix, {"mark": {}})
+    observed = Observed(group, prefix, {}, Mark(group, "h", {}), {})
+    d.drop_tables_if_unused(leaving=(GROUPS, prefix))
+    assert dropped == []  # the network still needs them
+    d.sidecars.remove(NETWORKS, "rc-0123456789")
+    d.groups.delete(observed)
+    assert dropped == ["inet", "bridge"]
+    assert not d.sidecars.any(NETWORKS, GROUPS)

@@ -306,10 +306,13 @@ class NetlinkDriver:
         if why:
             raise Conflict(f"nftables table {family} {self.table} {why}; not touching it")
 
-    def drop_tables_if_unused(self) -> None:
+    def drop_tables_if_unused(self, leaving: tuple[str, str] | None = None) -> None:
         """Our tables go when no network or group of ours is left (call under the lock),
-        unless they hold something that is not ours (a chain or rule someone added)."""
-        if not self.sidecars.any(NETWORKS, GROUPS):
+        unless they hold something that is not ours (a chain or rule someone added).
+        `leaving` (folder, name): the sidecar of the object being deleted, which its
+        caller removes after this: a delete killed in between still finds its object, so
+        the next one drops the tables (removed first, nothing would ever drop them)."""
+        if not self.sidecars.any(NETWORKS, GROUPS, but=leaving):
             for family in (_nft.INET, _nft.BRIDGE):
                 listing = self.nft.list_table(family, self.table)
                 if not listing.exists:

@@ -90,8 +90,8 @@ class Groups:
             listing = self.d.nft.list_table(_nft.INET, self.d.table)
             self.d.nft.apply(_nft.remove_commands(_nft.INET, self.d.table, listing, prefix[3:],
                                                   [sg_in, sg_out]))
-            self.d.sidecars.remove(GROUPS, prefix)
-            self.d.drop_tables_if_unused()
+            self.d.drop_tables_if_unused(leaving=(GROUPS, prefix))
+            self.d.sidecars.remove(GROUPS, prefix)  # last: until then, the next run finds it
 
 
 def _foreign_rules(listing: _nft.Listing, chain: str) -> bool:

@@ -601,8 +601,8 @@ class Networks:
         with self.d.lock:
             self._remove_rules(bridge)
             shutil.rmtree(base, ignore_errors=True)
-            self.d.sidecars.remove(NETWORKS, bridge)
-            self.d.drop_tables_if_unused()
+            self.d.drop_tables_if_unused(leaving=(NETWORKS, bridge))
+            self.d.sidecars.remove(NETWORKS, bridge)  # last: until then, the next run finds it
 
     def _remove_rules(self, bridge: str) -> None:
         owner = _names.net_hash(bridge)

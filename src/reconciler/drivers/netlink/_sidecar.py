@@ -61,9 +61,11 @@ class Sidecars:
     def remove(self, folder: str, name: str) -> None:
         self.path(folder, name).unlink(missing_ok=True)
 
-    def any(self, *folders: str) -> bool:
-        """Whether any sidecar exists in `folders` (names only: no file is read)."""
-        return any(not path.name.startswith(".")
+    def any(self, *folders: str, but: tuple[str, str] | None = None) -> bool:
+        """Whether any sidecar exists in `folders` (names only: no file is read), the one
+        `but` (folder, name) not counted."""
+        skip = self.path(*but) if but is not None else None
+        return any(not path.name.startswith(".") and path != skip
                    for folder in folders for path in (self.root / folder).glob("*.json"))
 
 
