@@ -197,8 +197,9 @@ def test_a_folder_applied_edited_and_drift_healed_from_host_events() -> None:
             virsh("destroy", domain)
             wait_for(lambda: domstate(domain) == "running", HEAL_TIMEOUT,
                      what=f"{domain} started again\n{daemon.output()}")
-            healed = [e["resource"] for e in events(env, "DriftHealed")]
-            assert f"Instance/{t}/vm" in healed
+            # the event is written when the change's apply ends, just after the start
+            wait_for(lambda: f"Instance/{t}/vm" in [e["resource"] for e in events(env, "DriftHealed")], 30,
+                     what=f"the DriftHealed event of Instance/{t}/vm\n{daemon.output()}")
 
             # the bridge deleted by hand is made again, with its MTU and the guest's port
             run("ip", "link", "del", "dev", bridge)
@@ -206,7 +207,8 @@ def test_a_folder_applied_edited_and_drift_healed_from_host_events() -> None:
                      what=f"{bridge} restored\n{daemon.output()}")
             wait_for(lambda: (link(tap[0]) or {}).get("master") == bridge, HEAL_TIMEOUT,
                      what=f"the guest's tap {tap[0]} on {bridge} again\n{daemon.output()}")
-            assert f"Network/{t}/net" in [e["resource"] for e in events(env, "DriftHealed")]
+            wait_for(lambda: f"Network/{t}/net" in [e["resource"] for e in events(env, "DriftHealed")], 30,
+                     what=f"the DriftHealed event of Network/{t}/net\n{daemon.output()}")
 
             # our nftables rules flushed by hand are put back (nft monitor)
             rules = wait_for(lambda: _rules(env), 10, what="our nftables rules")
