@@ -59,10 +59,11 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def section(figures: dict[str, dict[str, Any]], level: str, duration_s: float | None) -> str:
+def section(figures: dict[str, dict[str, Any]], level: str, duration_s: float | None,
+            command: str | None = None) -> str:
     begin, end = f"<!-- figures-{level}:begin -->", f"<!-- figures-{level}:end -->"
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = "make reliability" if level == "release" else "make reliability-ci"
+    command = command or ("make reliability" if level == "release" else "make reliability-ci")
     lines = [begin, f"### {'Release' if level == 'release' else 'CI'} counts", "",
              f"`{command}`, run on {when}" + (f", {duration_s / 60:.0f} min in all" if duration_s else "")
              + ", on: " + ", ".join(f"{k} {v}" for k, v in machine().items()) + ".", ""]
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("figures", type=Path)
     parser.add_argument("doc", type=Path)
     parser.add_argument("--duration", type=float, default=None, help="seconds the run took")
+    parser.add_argument("--command", default=None, help="what ran the suites (default: the make target)")
     args = parser.parse_args(argv)
     figures = {p.stem: json.loads(p.read_text()) for p in sorted(args.figures.glob("*.json"))}
     if not figures:
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"figures of several levels mixed in {args.figures}: {sorted(levels)}", file=sys.stderr)
         return 1
     level = levels.pop()
-    write_section(args.doc, section(figures, level, args.duration), f"<!-- figures-{level}:begin -->",
+    write_section(args.doc, section(figures, level, args.duration, args.command), f"<!-- figures-{level}:begin -->",
                   f"<!-- figures-{level}:end -->")
     print(f"wrote the {level} figures of {len(figures)} suite(s) to {args.doc}")
     return 0
