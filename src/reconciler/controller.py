@@ -19,7 +19,8 @@ from reconciler.dependencies import build_graph
 from reconciler.drivers.base import Admitting, Adopting, Attachable, Defaulting, Describing, Driver, Validating
 from reconciler.drivers.registry import build_drivers
 from reconciler.errors import JournalError, Problem, ReconcilerError, ValidationFailed, format_path
-from reconciler.executor import NOT_STARTED, ApplyResult, Executor, Outcome, observe_all, observe_each
+from reconciler.executor import (NOT_STARTED, ApplyResult, Executor, Outcome, drivers_for_kinds, observe_all,
+                                 observe_each)
 from reconciler.hostconfig import HostConfig
 from reconciler.journal import Journal
 from reconciler.loader import load
@@ -94,14 +95,12 @@ class Controller:
 
     def observe(self) -> Observation:
         """Every driver's view of the host; a driver that cannot observe raises."""
-        unique: dict[int, Driver] = {id(d): d for d in self.drivers.values()}
-        return observe_all(unique.values())
+        return observe_all(drivers_for_kinds(self.drivers))
 
     def observe_available(self) -> tuple[Observation, dict[str, str]]:
         """What the drivers that can observe see, and kind -> why for the kinds whose
         driver cannot (its service is down: a transient error)."""
-        unique: dict[int, Driver] = {id(d): d for d in self.drivers.values()}
-        observation, down = observe_each(unique.values())
+        observation, down = observe_each(drivers_for_kinds(self.drivers))
         kinds = {kind: f"the {drv.name} driver cannot observe the host: {down[drv.name]}"
                  for kind, drv in self.drivers.items() if drv.name in down}
         return observation, kinds
@@ -323,7 +322,7 @@ class Controller:
     def describe_drivers(self) -> dict[str, dict[str, str]]:
         """Driver name -> what it says about itself (e.g. libvirt's domain type), for status."""
         out: dict[str, dict[str, str]] = {}
-        for drv in {id(d): d for d in self.drivers.values()}.values():
+        for drv in drivers_for_kinds(self.drivers):
             if not isinstance(drv, Describing):
                 continue
             try:

@@ -139,8 +139,10 @@ def guest_disks(console: str) -> dict[str, tuple[str, int]]:
 
 
 def volume_events(console: str) -> list[tuple[str, str]]:
-    """The watcher's ("kept"|"written"|"write failed", detail), in order."""
-    return [m.groups() for line in console.splitlines() if (m := VOLUME_EVENT.search(line))]
+    """The watcher's ("kept"|"written"|"write failed", detail), in order; only whole lines
+    (the console file may be read while the guest is still writing its last line)."""
+    whole = console[: console.rfind("\n") + 1]
+    return [m.groups() for line in whole.splitlines() if (m := VOLUME_EVENT.search(line))]
 
 
 def qemu_io_head(path: Path, length: int = 64) -> bytes:

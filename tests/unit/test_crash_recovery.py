@@ -373,8 +373,9 @@ def test_a_tool_run_by_a_killed_reconciler_dies_with_it(tmp_path: Path) -> None:
     from reconciler import diskimage
     from reconciler.procs import is_alive
 
-    if diskimage.dying_with_us(["x"]) == ["x"]:
-        pytest.skip("no setpriv on this host")
+    # setpriv is util-linux's (Essential on Debian): without it this protection is gone
+    assert diskimage.dying_with_us(["x"])[-1:] == ["x"] and diskimage.dying_with_us(["x"]) != ["x"], \
+        "no setpriv on this host: a qemu-img of a killed reconciler would outlive it"
     marker = f"{600 + secrets.randbelow(1000)}.{secrets.randbelow(10**6)}"  # a sleep only this test runs
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import subprocess
